@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing and installs the project into it. torch and
+# torchvision are pinned to the releases this machine serves from local disk, so pip
+# never reaches for a newer (multi-GB) build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Some configured local indexes do not exist on every machine; their warnings are noise.
+QUIET_PIP := 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: demo test test-all check venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS) $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PINS) $(QUIET_PIP)
+	$(PY) -c "import hessdiag, torch; print('hessdiag', hessdiag.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hessdiag demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,93 @@
+"""The Python API a notebook uses (SPEC §6): ``measure`` and ``hessian_diagonal``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor, nn
+
+from .errors import HessdiagError
+from .estimators import EstimatorOptions, get_estimator
+from .objective import Objective
+from .result import Result
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class NonFiniteHessianError(HessdiagError):
+    """NaN or Inf appeared in the estimated diagonal."""
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept ``torch.float64`` or ``"float64"`` (or ``None``: the model's own dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise HessdiagError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def measure(
+    model: nn.Module,
+    data: object,
+    loss: str = "ce",
+    estimator: str = "exact",
+    *,
+    samples: int | None = None,
+    rtol: float = 0.05,
+    max_samples: int = 1024,
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = 512,
+    chunk_size: int = 32,
+    max_params: int | None = None,
+    force: bool = False,
+    checkpoint: str | None = None,
+) -> Result:
+    """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
+
+    Args:
+        model: the network; its parameters, ``.grad`` and train/eval flags are left as
+            they were (the measurement runs on detached copies in eval mode).
+        data: an ``(x, y)`` pair of tensors, a DataLoader, or an iterable of batches.
+        loss: ``"ce"`` (cross-entropy) or ``"mse"`` (mean over batch and outputs).
+        estimator: a name from :data:`hessdiag.estimators.ESTIMATORS`.
+        samples, rtol, max_samples, seed: probe budget of stochastic estimators.
+        dtype: compute dtype (``"float64"`` for reference-quality numbers).
+        batch_size: batch size when ``data`` is a pair of tensors; does not change the
+            result beyond float rounding.
+        chunk_size: probes per vectorized HVP; bounds peak memory.
+        max_params, force: parameter budget of exact estimators.
+        checkpoint: a label recorded in the result document.
+    """
+    options = EstimatorOptions(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed,
+                               max_params=max_params, force=force)
+    chosen = get_estimator(estimator, options)
+    objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
+                          batch_size=batch_size, chunk_size=chunk_size)
+    start = time.perf_counter()
+    estimate = chosen.estimate(objective)
+    seconds = time.perf_counter() - start
+    for name, block in estimate.diagonal.items():
+        if not bool(torch.isfinite(block).all()):
+            raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
+    return Result.from_estimate(
+        estimate,
+        estimator=estimator,
+        loss=loss,
+        num_examples=int(objective.num_examples or 0),
+        dtype=objective.dtype,
+        seconds=seconds,
+        seed=None if chosen.exact else seed,
+        checkpoint=checkpoint,
+    )
+
+
+def hessian_diagonal(
+    model: nn.Module, data: object, loss: str = "ce", estimator: str = "exact", **kwargs: object
+) -> dict[str, Tensor]:
+    """diag(∇²L(θ)) as ``{parameter name: Tensor}``; keyword arguments as in :func:`measure`."""
+    return measure(model, data, loss, estimator, **kwargs).diagonal  # type: ignore[arg-type]

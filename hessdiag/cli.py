@@ -1,0 +1,177 @@
+"""Command line (SPEC §3): argument parsing only; the API does the work.
+
+Exit codes: 0 success; 2 bad input or usage (one line, no traceback); 1 unexpected
+internal error (short message; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .errors import HessdiagError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"hessdiag: error: {message} (see hessdiag {self.prog.split()[-1]} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--model-kwargs is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--model-kwargs must be a JSON object")
+    return value
+
+
+def _add_measurement_options(p: argparse.ArgumentParser) -> None:
+    from .estimators import ESTIMATORS
+    from .objective import LOSSES
+
+    p.add_argument("--data", help="data spec: digits | tensors:PATH (default: the checkpoint's, else digits)")
+    p.add_argument("--split", default="train", choices=("train", "test", "all"), help="data split (default: train)")
+    p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
+    p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
+    p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
+    p.add_argument("--estimator", default="exact", choices=sorted(ESTIMATORS), help="estimator (default: exact)")
+    p.add_argument("--samples", type=_positive_int, help="fixed number of probes (stochastic estimators)")
+    p.add_argument("--rtol", type=_positive_float, default=0.05, help="adaptive stop: relative CI half-width (default: 0.05)")
+    p.add_argument("--max-samples", type=_positive_int, default=1024, help="adaptive stop: probe cap (default: 1024)")
+    p.add_argument("--seed", type=int, default=0, help="probe seed (default: 0)")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--max-params", type=_positive_int, help="parameter budget of the exact estimator")
+    p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
+    p.add_argument("--json", metavar="PATH", help="write the result document (SPEC §5) atomically")
+    p.add_argument("--plot", metavar="PATH", help="write a per-layer bar chart (png/svg/pdf)")
+    p.add_argument("--quiet", action="store_true", help="print only the total")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hessdiag`` argument parser with its subcommands."""
+    parser = _Parser(prog="hessdiag", description="Diagonal of the loss Hessian of PyTorch models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("measure", help="measure diag H of a checkpoint")
+    m.add_argument("checkpoint", metavar="CKPT", help="native checkpoint or state dict (.pt)")
+    m.add_argument("--model", metavar="MODULE:ATTR", help="model class or factory for a state dict")
+    m.add_argument("--model-kwargs", type=_json_object, metavar="JSON", help="keyword arguments for --model")
+    _add_measurement_options(m)
+
+    psi = sub.add_parser("psi", help="ψ_max = sup φ'' of activations")
+    psi.add_argument("activations", nargs="+", metavar="ACTIVATION",
+                     help="registry names, e.g. gelu mish rct:n=2,alpha=7")
+
+    demo = sub.add_parser("demo", help="measure the bundled example checkpoint")
+    demo.add_argument("--estimator", default="exact", help="estimator (default: exact)")
+    return parser
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from .api import measure
+    from .io import atomic_write_text, load_checkpoint, load_data
+
+    model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs)
+    spec = args.data or meta.get("data") or "digits"
+    loss = args.loss or meta.get("loss") or "ce"
+    data = load_data(spec, split=args.split, max_examples=args.max_examples)
+    result = measure(
+        model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
+        max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
+        batch_size=args.batch_size, max_params=args.max_params, force=args.force,
+        checkpoint=str(args.checkpoint),
+    )
+    print(f"{result.normalized_norm:.6g}" if args.quiet else result.table())
+    if args.json:
+        atomic_write_text(args.json, result.to_json() + "\n")
+    if args.plot:
+        result.plot(args.plot)
+    return EXIT_OK
+
+
+def _psi(args: argparse.Namespace) -> int:
+    from .activations import get_activation, psi_max
+
+    rows = [(spec, psi_max(get_activation(spec))) for spec in args.activations]
+    width = max(len(spec) for spec, _ in rows)
+    for spec, value in rows:
+        print(f"{spec.ljust(width)}  {value:.4g}")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .api import measure
+    from .demo import DEMO_CHECKPOINT, bundled_checkpoint
+    from .io import load_checkpoint, load_data
+
+    path = bundled_checkpoint()
+    if path is None:
+        raise HessdiagError(f"bundled checkpoint examples/checkpoints/{DEMO_CHECKPOINT} not found; "
+                            "run examples/train_digits.py from a source checkout")
+    model, meta = load_checkpoint(path)
+    data = load_data(meta.get("data", "digits"), split="test")
+    print(f"hessdiag demo: {path.name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"test accuracy {meta.get('test_accuracy', float('nan')):.3f}), "
+          f"{len(data[1])} test examples, float64")
+    result = measure(model, data, loss=meta.get("loss", "ce"), estimator=args.estimator,
+                     dtype="float64", checkpoint=str(path))
+    print(result.table())
+    return EXIT_OK
+
+
+COMMANDS = {"measure": _measure, "psi": _psi, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hessdiag`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HessdiagError as err:
+        print(f"hessdiag: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hessdiag: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place internal errors are reported
+        if args.debug:
+            raise
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        print(f"hessdiag: internal error: {type(err).__name__}: {first} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Estimators of the loss-Hessian diagonal, chosen by name (SPEC §2)."""
+
+from __future__ import annotations
+
+from .base import (
+    DiagonalEstimate,
+    Estimator,
+    EstimatorError,
+    EstimatorOptions,
+    NormStatistics,
+)
+from .exact import ExactEstimator
+
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (ExactEstimator,)}
+
+
+def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimator:
+    """Instantiate the estimator registered under ``name``."""
+    try:
+        cls = ESTIMATORS[name]
+    except KeyError:
+        raise EstimatorError(
+            f"unknown estimator {name!r}; choose one of {', '.join(sorted(ESTIMATORS))}"
+        ) from None
+    return cls(options)
+
+
+__all__ = [
+    "ESTIMATORS",
+    "DiagonalEstimate",
+    "Estimator",
+    "EstimatorError",
+    "EstimatorOptions",
+    "ExactEstimator",
+    "NormStatistics",
+    "get_estimator",
+]

@@ -1,0 +1,287 @@
+"""The measured objective and the Hessian-vector-product plumbing every estimator shares.
+
+Given a model f(·; θ), a loss ℓ and N examples, the objective is (SPEC §1)
+
+    L(θ) = (1/N) Σₙ ℓ(f(xₙ; θ), yₙ),
+
+evaluated with the model in ``eval()`` mode, θ = all parameters with
+``requires_grad=True`` in ``named_parameters()`` order. Data arrive in batches; each
+batch contributes its batch-mean loss weighted by ``n_b / N`` so that the result does not
+depend on the batch size beyond float rounding.
+
+Vectors in parameter space are dicts ``{name: Tensor}``. Stacks of K vectors carry a
+leading probe dimension: ``{name: Tensor[K, *shape]}``. :meth:`Objective.hvp` returns
+H·V for such a stack, accumulated over *all* measured data for the same probes, in one
+pass over the data (the probes are chunked so memory is bounded by
+``chunk_size × batch_size × activations``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from .errors import HessdiagError
+
+LossName = Literal["ce", "mse"]
+LOSSES: tuple[str, ...] = ("ce", "mse")
+ParamDict = dict[str, Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+class ObjectiveError(HessdiagError):
+    """The model, data or loss cannot form the objective (bad user input)."""
+
+
+def batch_mean_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
+    """Mean loss over one batch, written so torch.func transforms can differentiate it twice.
+
+    ``ce``: ``cross_entropy(reduction="mean")`` with integer class targets.
+    ``mse``: mean over batch *and* outputs of (f − y)², written out explicitly because
+    ``F.mse_loss`` fails under ``jvp(grad(·))`` (SPEC §8). Integer targets for a
+    multi-output model are one-hot encoded.
+    """
+    if loss == "ce":
+        return F.cross_entropy(output, target)
+    if loss == "mse":
+        if not target.is_floating_point():
+            target = F.one_hot(target.long(), output.shape[-1])
+        target = target.to(output.dtype).reshape(output.shape)
+        return ((output - target) ** 2).mean()
+    raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+class BatchSource:
+    """Re-iterable view of the data as ``(x, y)`` batches.
+
+    Accepts an ``(x, y)`` pair of tensors (split into ``batch_size`` chunks), a
+    ``DataLoader`` or any re-iterable of batches, or a one-shot iterator (materialized
+    once, since every estimator passes over the data several times).
+    """
+
+    def __init__(self, data: object, batch_size: int | None = 256) -> None:
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, Tensor) for t in data
+        ):
+            x, y = data
+            if x.shape[0] != y.shape[0]:
+                raise ObjectiveError(
+                    f"inputs and targets differ in length ({x.shape[0]} vs {y.shape[0]})"
+                )
+            if x.shape[0] == 0:
+                raise ObjectiveError("the data are empty")
+            size = x.shape[0] if batch_size is None else int(batch_size)
+            if size < 1:
+                raise ObjectiveError(f"batch size must be positive, got {batch_size}")
+            self._batches: Iterable[Batch] = [
+                (x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)
+            ]
+        elif isinstance(data, Iterable):
+            self._batches = list(data) if iter(data) is data else data  # type: ignore[arg-type]
+        else:
+            raise ObjectiveError(
+                "data must be an (x, y) pair of tensors, a DataLoader or an iterable of (x, y) batches"
+            )
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self._batches:
+            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                raise ObjectiveError("each batch must be an (x, y) pair")
+            yield batch[0], batch[1]
+
+    def __len__(self) -> int:
+        return len(self._batches)  # type: ignore[arg-type]
+
+
+class Objective:
+    """Functional view of L(θ) for one model, loss and data set.
+
+    The model's own tensors are never modified: parameters are detached copies in the
+    requested dtype/device, passed in through ``torch.func.functional_call``.
+
+    Args:
+        model: any ``nn.Module``; its trainable parameters define θ.
+        data: see :class:`BatchSource`.
+        loss: ``"ce"`` or ``"mse"`` (SPEC §1).
+        dtype: compute dtype (e.g. ``torch.float64``); default: the parameters' dtype.
+        device: compute device; default: the parameters' device.
+        batch_size: batch size used when ``data`` is an ``(x, y)`` pair.
+        chunk_size: probes per vmapped HVP call; bounds the peak memory.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: object,
+        loss: str = "ce",
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int | None = 256,
+        chunk_size: int = 32,
+    ) -> None:
+        if loss not in LOSSES:
+            raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ObjectiveError("the model has no trainable parameters")
+        first = trainable[0][1]
+        self.dtype = dtype or first.dtype
+        self.device = torch.device(device) if device is not None else first.device
+        self.model = model
+        self.loss = loss
+        self.chunk_size = max(1, int(chunk_size))
+        self.data = BatchSource(data, batch_size)
+        self.params: ParamDict = {
+            n: p.detach().to(self.device, self.dtype).clone() for n, p in trainable
+        }
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        self.constants: ParamDict = {
+            n: self._cast(t.detach()) for n, t in {**frozen, **dict(model.named_buffers())}.items()
+        }
+        self.shapes = {n: p.shape for n, p in self.params.items()}
+        self.numels = {n: p.numel() for n, p in self.params.items()}
+        self.num_params = sum(self.numels.values())
+        self._use_func = True
+        self.num_examples: int | None = None  # known after the first pass
+
+    # -- data ---------------------------------------------------------------------------
+
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """Yield ``(x, y, n_b)`` on the compute device/dtype, counting N as it goes."""
+        count = 0
+        for x, y in self.data:
+            n = int(x.shape[0])
+            if n == 0:
+                continue
+            count += n
+            yield self._cast(x), y.to(self.device), n
+        if count == 0:
+            raise ObjectiveError("the data are empty")
+        if self.num_examples is not None and self.num_examples != count:
+            raise ObjectiveError(
+                f"the data changed between passes ({self.num_examples} then {count} examples)"
+            )
+        self.num_examples = count
+
+    # -- functional loss ----------------------------------------------------------------
+
+    def forward(self, params: ParamDict, x: Tensor) -> Tensor:
+        """Model output f(x; params) with the constants (buffers, frozen parameters) bound."""
+        return functional_call(self.model, {**params, **self.constants}, (x,))
+
+    def batch_loss(self, params: ParamDict, x: Tensor, y: Tensor) -> Tensor:
+        """Batch-mean loss ℓ̄_b(params); a scalar."""
+        return batch_mean_loss(self.loss, self.forward(params, x), y)
+
+    def loss_value(self) -> float:
+        """L(θ) over all measured data."""
+        total = 0.0
+        with evaluation_mode(self.model), torch.no_grad():
+            for x, y, n in self.batches():
+                total += n * float(self.batch_loss(self.params, x, y))
+        return total / self.num_examples  # type: ignore[operator]
+
+    # -- Hessian-vector products --------------------------------------------------------
+
+    def hvp(self, vectors: ParamDict, chunk_size: int | None = None) -> ParamDict:
+        """H·V for a stack of K vectors ``{name: [K, *shape]}`` over all measured data.
+
+        One pass over the data; within each batch the K probes are processed in chunks
+        of ``chunk_size`` (default: the objective's) through ``vmap(jvp(grad))``
+        (forward-over-reverse). Larger chunks amortize per-call overhead at the price of
+        ``chunk × batch``-sized activations. Models the
+        functional transforms cannot handle fall back, once and with a warning, to
+        double backward (one reverse pass per probe).
+        """
+        num = next(iter(vectors.values())).shape[0]
+        step = chunk_size or self.chunk_size
+        out = {n: torch.zeros_like(v) for n, v in vectors.items()}
+        with evaluation_mode(self.model):
+            for x, y, n in self.batches():
+                for start in range(0, num, step):
+                    chunk = {k: v[start : start + step] for k, v in vectors.items()}
+                    hv = self.batch_hvp(chunk, x, y)
+                    for k in out:
+                        out[k][start : start + step].add_(hv[k], alpha=n)
+        for k in out:
+            out[k].div_(self.num_examples)
+        return out
+
+    def batch_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        """H_b·V for one batch's mean loss ℓ̄_b and a chunk of probes ``{name: [k, *shape]}``."""
+        if self._use_func:
+            try:
+                return self._func_hvp(chunk, x, y)
+            except (RuntimeError, NotImplementedError) as err:
+                warnings.warn(
+                    f"torch.func HVPs failed for this model ({str(err).splitlines()[0][:120]}); "
+                    "falling back to double backward, one probe at a time",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._use_func = False
+        return self._autograd_hvp(chunk, x, y)
+
+    def _func_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        gradient: Callable[[ParamDict], ParamDict] = grad(lambda p: self.batch_loss(p, x, y))
+
+        def single(v: ParamDict) -> ParamDict:
+            return jvp(gradient, (self.params,), (v,))[1]
+
+        return vmap(single)(chunk)
+
+    def _autograd_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        params = {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
+        names = list(params)
+        with torch.enable_grad():
+            g = torch.autograd.grad(self.batch_loss(params, x, y), [params[k] for k in names],
+                                    create_graph=True)
+            num = chunk[names[0]].shape[0]
+            rows = []
+            for i in range(num):
+                hv = torch.autograd.grad(g, [params[k] for k in names],
+                                         grad_outputs=[chunk[k][i] for k in names],
+                                         retain_graph=i < num - 1, allow_unused=True)
+                rows.append([torch.zeros_like(params[k]) if h is None else h.detach()
+                             for k, h in zip(names, hv)])
+        return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
+
+    # -- flat <-> dict ------------------------------------------------------------------
+
+    def flatten(self, vectors: ParamDict) -> Tensor:
+        """``{name: [K, *shape]}`` → ``[K, P]`` in ``named_parameters()`` order."""
+        return torch.cat([vectors[n].reshape(vectors[n].shape[0], -1) for n in self.params], 1)
+
+    def unflatten(self, flat: Tensor) -> ParamDict:
+        """``[K, P]`` → ``{name: [K, *shape]}``."""
+        out, start = {}, 0
+        for n, shape in self.shapes.items():
+            size = math.prod(shape)
+            out[n] = flat[:, start : start + size].reshape(flat.shape[0], *shape)
+            start += size
+        return out

@@ -1,0 +1,125 @@
+"""The exact estimator against the independent float64 reference Hessian."""
+
+import pytest
+import torch
+from torch import nn
+
+import hessdiag
+from hessdiag.estimators import EstimatorError
+from hessdiag.models import cnn, mlp
+
+from ..reference import max_relative_error, reference_diagonal
+
+# Both sides are float64 computations of the same quantity by different routes
+# (vmapped forward-over-reverse HVPs vs. reverse-over-reverse full Hessian); rounding
+# differences are O(1e-15) relative, so 1e-10 leaves ample room yet fails any real bug.
+EXACT_RTOL = 1e-10
+
+
+def tiny_mlp(activation: str = "tanh") -> nn.Module:
+    torch.manual_seed(1)
+    return mlp(in_features=6, hidden=(5, 4), num_classes=3, activation=activation)
+
+
+def tiny_cnn(activation: str = "tanh") -> nn.Module:
+    torch.manual_seed(2)
+    return cnn(in_channels=1, image_size=5, channels=(2, 3), num_classes=3, activation=activation)
+
+
+def image_data(n: int = 12):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 1, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("activation", ["tanh", "rct:n=1,alpha=14", "rct:n=2,alpha=7", "silu"])
+def test_exact_equals_autograd_hessian_diagonal_on_tiny_mlp(loss, activation, tiny_classification):
+    model = tiny_mlp(activation)
+    x, y = tiny_classification
+    diag = hessdiag.hessian_diagonal(model, (x, y), loss=loss, dtype="float64", batch_size=7)
+    assert max_relative_error(diag, reference_diagonal(model, loss, x, y)) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_exact_equals_autograd_hessian_diagonal_on_tiny_cnn(loss):
+    model = tiny_cnn("rct:n=0,alpha=28")
+    x, y = image_data()
+    diag = hessdiag.hessian_diagonal(model, (x, y), loss=loss, dtype="float64", batch_size=5)
+    assert max_relative_error(diag, reference_diagonal(model, loss, x, y)) < EXACT_RTOL
+
+
+def test_batch_size_does_not_change_the_result(tiny_classification):
+    model = tiny_mlp()
+    x, y = tiny_classification
+    one = hessdiag.measure(model, (x, y), dtype="float64", batch_size=3)
+    two = hessdiag.measure(model, (x, y), dtype="float64", batch_size=20)
+    # Only the summation order differs: float64 rounding.
+    assert max_relative_error(one.diagonal, two.diagonal) < 1e-13
+    assert one.normalized_norm == pytest.approx(two.normalized_norm, rel=1e-13)
+
+
+def test_dataloader_and_tensor_pair_agree(tiny_classification):
+    model = tiny_mlp()
+    x, y = tiny_classification
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6)
+    a = hessdiag.hessian_diagonal(model, loader, dtype="float64")
+    b = hessdiag.hessian_diagonal(model, (x, y), dtype="float64")
+    assert max_relative_error(a, b) < 1e-13
+
+
+def test_measurement_leaves_parameters_grads_and_mode_unchanged(tiny_classification):
+    model = tiny_mlp()
+    x, y = tiny_classification
+    model.train()
+    model[1].eval()  # a mixed train/eval state must come back exactly
+    model(x).sum().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    modes = [m.training for m in model.modules()]
+    hessdiag.measure(model, (x, y), dtype="float64")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.dtype == torch.float32
+        assert torch.equal(p.grad, grads[n])
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_measures_in_eval_mode_with_batchnorm_running_statistics(tiny_classification):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = tiny_classification
+    model.train()
+    model(x)  # moves the running statistics away from their initial values
+    diag = hessdiag.hessian_diagonal(model, (x, y), dtype="float64", batch_size=4)
+    assert max_relative_error(diag, reference_diagonal(model, "ce", x, y)) < EXACT_RTOL
+    assert model.training
+
+
+def test_frozen_parameters_are_not_measured(tiny_classification):
+    model = tiny_mlp()
+    model[1].weight.requires_grad_(False)
+    x, y = tiny_classification
+    diag = hessdiag.hessian_diagonal(model, (x, y), dtype="float64")
+    assert "1.weight" not in diag
+    assert max_relative_error(diag, reference_diagonal(model, "ce", x, y)) < EXACT_RTOL
+
+
+def test_refuses_above_the_parameter_budget_and_says_how_long(tiny_classification):
+    model = tiny_mlp()
+    with pytest.raises(EstimatorError, match=r"exceed the budget of 10 \(estimated .*\).*hutchinson"):
+        hessdiag.measure(model, tiny_classification, max_params=10)
+    forced = hessdiag.measure(model, tiny_classification, max_params=10, force=True)
+    assert forced.hvps == forced.num_params
+
+
+def test_double_backward_fallback_matches(tiny_classification, monkeypatch):
+    model = tiny_mlp()
+    x, y = tiny_classification
+    from hessdiag.objective import Objective
+
+    def broken(self, *args):
+        raise NotImplementedError("no functorch support in this test")
+
+    monkeypatch.setattr(Objective, "_func_hvp", broken)
+    with pytest.warns(RuntimeWarning, match="falling back to double backward"):
+        diag = hessdiag.hessian_diagonal(model, (x, y), dtype="float64", batch_size=8)
+    assert max_relative_error(diag, reference_diagonal(model, "ce", x, y)) < EXACT_RTOL

@@ -1,0 +1,59 @@
+"""Independent float64 references every estimator is tested against.
+
+They share no code with hessdiag's objective: the full Hessian of the full-data mean
+loss via ``torch.autograd.functional.hessian`` on a flat parameter vector, with torch's
+own loss functions.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+def full_data_loss(model: nn.Module, loss: str, x: Tensor, y: Tensor):
+    """θ_flat ↦ mean loss over all of (x, y), model in eval mode, float64."""
+    net = copy.deepcopy(model).double().eval()
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in net.named_parameters() if p.requires_grad]
+    sizes = [s.numel() for s in shapes]
+    x = x.double()
+
+    def f(theta: Tensor) -> Tensor:
+        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        out = functional_call(net, params, (x,))
+        if loss == "ce":
+            return F.cross_entropy(out, y)
+        target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
+        return F.mse_loss(out, target.double().reshape(out.shape))
+
+    theta0 = torch.cat([p.detach().double().reshape(-1) for n, p in net.named_parameters()
+                        if p.requires_grad])
+    return f, theta0, names, shapes
+
+
+def reference_hessian(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
+    """Full P×P Hessian of the mean loss in float64."""
+    f, theta0, _, _ = full_data_loss(model, loss, x, y)
+    return torch.autograd.functional.hessian(f, theta0)
+
+
+def reference_diagonal(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """diag of :func:`reference_hessian`, split per parameter tensor."""
+    _, _, names, shapes = full_data_loss(model, loss, x, y)
+    diag = reference_hessian(model, loss, x, y).diagonal()
+    return {n: t.reshape(s) for n, t, s in zip(names, diag.split([s.numel() for s in shapes]), shapes)}
+
+
+def flat(diag: dict[str, Tensor]) -> Tensor:
+    return torch.cat([d.reshape(-1).double() for d in diag.values()])
+
+
+def max_relative_error(estimate: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
+    """max |est − ref| / max |ref| over all entries (normwise, robust to tiny entries)."""
+    a, b = flat(estimate), flat(reference)
+    return float((a - b).abs().max() / b.abs().max())
