@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .errors import HessdiagError
 
@@ -56,6 +56,23 @@ def batch_mean_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
             target = F.one_hot(target.long(), output.shape[-1])
         target = target.to(output.dtype).reshape(output.shape)
         return ((output - target) ** 2).mean()
+    raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def loss_hessian_factor(loss: str, output: Tensor, target: Tensor) -> Tensor:
+    """Q with Q Qᵀ = ∇²_f ℓ(f, y) for ONE example's output f ∈ R^C; shape [C, C].
+
+    ``ce``: Λ = diag(p) − p pᵀ with p = softmax(f); Q = diag(√p) − p √pᵀ.
+    ``mse`` (mean over the C outputs): Λ = (2/C) I; Q = √(2/C) I.
+    The generalized Gauss–Newton matrix of the mean loss is (1/N) Σₙ Jₙᵀ Qₙ Qₙᵀ Jₙ.
+    """
+    num = output.shape[-1]
+    if loss == "ce":
+        p = torch.softmax(output, -1)
+        root = p.sqrt()
+        return torch.diag(root) - p.unsqueeze(-1) * root.unsqueeze(-2)
+    if loss == "mse":
+        return torch.eye(num, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / num)
     raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -218,6 +235,15 @@ class Objective:
         functional transforms cannot handle fall back, once and with a warning, to
         double backward (one reverse pass per probe).
         """
+        return self._accumulate(vectors, self.batch_hvp, chunk_size)
+
+    def _accumulate(
+        self,
+        vectors: ParamDict,
+        batch_product: Callable[[ParamDict, Tensor, Tensor], ParamDict],
+        chunk_size: int | None,
+    ) -> ParamDict:
+        """Σ_b (n_b/N) · batch_product(V, x_b, y_b), in one data pass, probes in chunks."""
         num = next(iter(vectors.values())).shape[0]
         step = chunk_size or self.chunk_size
         out = {n: torch.zeros_like(v) for n, v in vectors.items()}
@@ -225,9 +251,9 @@ class Objective:
             for x, y, n in self.batches():
                 for start in range(0, num, step):
                     chunk = {k: v[start : start + step] for k, v in vectors.items()}
-                    hv = self.batch_hvp(chunk, x, y)
+                    product = batch_product(chunk, x, y)
                     for k in out:
-                        out[k][start : start + step].add_(hv[k], alpha=n)
+                        out[k][start : start + step].add_(product[k], alpha=n)
         for k in out:
             out[k].div_(self.num_examples)
         return out
@@ -270,6 +296,51 @@ class Objective:
                 rows.append([torch.zeros_like(params[k]) if h is None else h.detach()
                              for k, h in zip(names, hv)])
         return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
+
+    # -- generalized Gauss–Newton --------------------------------------------------------
+
+    def ggn_vp(self, vectors: ParamDict, chunk_size: int | None = None) -> ParamDict:
+        """G·V = (1/N) Σ_b n_b J_bᵀ Λ_b J_b V for a stack ``{name: [K, *shape]}``.
+
+        J_b is the Jacobian of the batch's outputs, Λ_b the Hessian of the batch-mean
+        loss with respect to them; per probe one JVP, one loss-HVP and one VJP. Same
+        chunking and single data pass as :meth:`hvp`.
+        """
+        return self._accumulate(vectors, self._batch_ggn_vp, chunk_size)
+
+    def _batch_ggn_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        output, pullback = vjp(lambda p: self.forward(p, x), self.params)
+        loss_grad = grad(lambda o: batch_mean_loss(self.loss, o, y))
+
+        def single(v: ParamDict) -> ParamDict:
+            jv = jvp(lambda p: self.forward(p, x), (self.params,), (v,))[1]
+            return pullback(jvp(loss_grad, (output,), (jv,))[1])[0]
+
+        return vmap(single)(chunk)
+
+    def ggn_diagonal(self, examples_per_chunk: int = 64) -> ParamDict:
+        """Exact diag(G) = (1/N) Σₙ Σ_ρ (Jₙᵀ q_{n,ρ})², q_{n,ρ} the columns of Qₙ.
+
+        One VJP per example and output class (C per example), vmapped over examples in
+        chunks of ``examples_per_chunk``; memory O(examples_per_chunk · C · P). Works for
+        any model torch.func can differentiate (BatchNorm in eval mode included).
+        """
+        total = {n: torch.zeros_like(p) for n, p in self.params.items()}
+
+        def per_example(xi: Tensor, yi: Tensor) -> ParamDict:
+            out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)
+            factor = loss_hessian_factor(self.loss, out.detach(), yi)
+            columns = vmap(pullback)(factor.transpose(0, 1).contiguous())[0]
+            return {k: c.pow(2).sum(0) for k, c in columns.items()}
+
+        with evaluation_mode(self.model):
+            for x, y, _ in self.batches():
+                for start in range(0, x.shape[0], examples_per_chunk):
+                    part = vmap(per_example)(x[start : start + examples_per_chunk],
+                                             y[start : start + examples_per_chunk])
+                    for k in total:
+                        total[k].add_(part[k].sum(0))
+        return {k: v / self.num_examples for k, v in total.items()}
 
     # -- flat <-> dict ------------------------------------------------------------------
 

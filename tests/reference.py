@@ -57,3 +57,39 @@ def max_relative_error(estimate: dict[str, Tensor], reference: dict[str, Tensor]
     """max |est − ref| / max |ref| over all entries (normwise, robust to tiny entries)."""
     a, b = flat(estimate), flat(reference)
     return float((a - b).abs().max() / b.abs().max())
+
+
+def reference_ggn(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
+    """Full P×P generalized Gauss–Newton matrix Jᵀ Λ J of the mean loss, float64.
+
+    J: Jacobian of all N×C outputs w.r.t. θ; Λ: Hessian of the mean loss w.r.t. those
+    outputs (block diagonal), both from ``torch.autograd.functional``.
+    """
+    f, theta0, names, shapes = full_data_loss(model, loss, x, y)
+    net = copy.deepcopy(model).double().eval()
+    sizes = [s.numel() for s in shapes]
+    xd = x.double()
+
+    def outputs(theta: Tensor) -> Tensor:
+        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return functional_call(net, params, (xd,))
+
+    out = outputs(theta0).detach()
+
+    def loss_of_output(o: Tensor) -> Tensor:
+        o = o.reshape(out.shape)
+        if loss == "ce":
+            return F.cross_entropy(o, y)
+        target = y if y.is_floating_point() else F.one_hot(y, o.shape[-1])
+        return F.mse_loss(o, target.double().reshape(o.shape))
+
+    jac = torch.autograd.functional.jacobian(outputs, theta0).reshape(out.numel(), -1)
+    lam = torch.autograd.functional.hessian(loss_of_output, out.reshape(-1))
+    return jac.T @ lam @ jac
+
+
+def split_like(flat_diag: Tensor, model: nn.Module) -> dict[str, Tensor]:
+    """Split a flat diagonal into the model's trainable parameter shapes."""
+    named = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
+    parts = flat_diag.split([s.numel() for _, s in named])
+    return {n: t.reshape(s) for (n, s), t in zip(named, parts)}
