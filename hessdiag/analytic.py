@@ -104,8 +104,11 @@ class MLPStructure:
 
 
 def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    # _modules, not named_children(): the latter drops repeated modules, Sequential.forward does not.
     out: list[tuple[str, nn.Module]] = []
-    for name, child in module.named_children():
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         full = f"{prefix}{name}"
         if type(child) is nn.Sequential:
             out += _leaves(child, full + ".")
@@ -132,10 +135,14 @@ def mlp_structure(model: nn.Module) -> MLPStructure:
     acts: list[nn.Module] = []
     derivs: list[ElementwiseDerivatives] = []
     names: list[str] = []
+    seen: list[tuple[nn.Module, str]] = []
     for index, (name, module) in enumerate(leaves):
         if index % 2 == 0:
             if type(module) is not nn.Linear:
                 raise UnsupportedModelError(f"module {name} ({type(module).__name__}) is not nn.Linear")
+            if any(module is other for other, _ in seen):
+                raise UnsupportedModelError(f"Linear {name} is used twice (shared weights)")
+            seen.append((module, name))
             linears.append((f"{name}.weight", None if module.bias is None else f"{name}.bias"))
         else:
             if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):

@@ -100,7 +100,21 @@ def test_frozen_bias_free_nested_and_image_input():
     assert max_relative_error(dec.diagonal, reference_diagonal(model, "ce", x, y)) < RTOL
 
 
+def test_a_shared_activation_module_is_fine():
+    torch.manual_seed(5)
+    act = nn.Tanh()
+    model = nn.Sequential(nn.Linear(5, 4), act, nn.Linear(4, 4), act, nn.Linear(4, 2))
+    assert mlp_structure(model).activation_names == ("1", "3")
+    x, y = torch.randn(4, 5), torch.randint(0, 2, (4,))
+    dec = mlp_decomposition(objective(model, x, y, "ce"))
+    assert max_relative_error(dec.diagonal, reference_diagonal(model, "ce", x, y)) < RTOL
+
+
+_shared = nn.Linear(3, 3)
+
+
 @pytest.mark.parametrize("model", [
+    nn.Sequential(_shared, nn.Tanh(), _shared),  # weight sharing: not an MLP in the §4 sense
     cnn(1, 5, (2,), 3),
     nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)),
     nn.Sequential(nn.Linear(3, 3), nn.Tanh()),
