@@ -67,7 +67,11 @@ __all__ = [
 ]
 
 DEFAULT_EXAMPLES_PER_CHUNK = 128
-"""Examples per vectorized recursion step; bounds memory at chunk · max n_l² floats."""
+"""Examples per vectorized recursion step (at most; see :data:`MATRIX_ELEMENTS_PER_CHUNK`)."""
+
+MATRIX_ELEMENTS_PER_CHUNK = 1 << 24
+"""Cap on chunk · n_l² for the full M matrices (128 MiB in float64 per matrix); wide nets with
+three or more hidden layers get smaller chunks automatically."""
 
 
 class UnsupportedModelError(HessdiagError):
@@ -292,6 +296,15 @@ def _accumulate_blocks(structure: MLPStructure, fwd: _Forward, per_neuron_sq: li
             out[bname].add_(s.sum(0))
 
 
+def _chunk_size(structure: MLPStructure, weights: list[Tensor], requested: int | None) -> int:
+    if requested is not None:
+        return max(1, int(requested))
+    # Full M^l matrices exist only for hidden layers 2 .. L-2.
+    widths = [w.shape[0] for w in weights[1 : len(weights) - 2]]
+    largest = max((n * n for n in widths), default=1)
+    return max(1, min(DEFAULT_EXAMPLES_PER_CHUNK, MATRIX_ELEMENTS_PER_CHUNK // largest))
+
+
 def _chunks(objective: Objective, examples_per_chunk: int):
     for x, y, _ in objective.batches():
         for start in range(0, x.shape[0], examples_per_chunk):
@@ -358,7 +371,7 @@ def mlp_decomposition(
     *,
     per_neuron: bool = False,
     structure: MLPStructure | None = None,
-    examples_per_chunk: int = DEFAULT_EXAMPLES_PER_CHUNK,
+    examples_per_chunk: int | None = None,
 ) -> MLPDecomposition:
     """Exact diag(GGN) and residual of the objective's Hessian for a supported MLP, in one data pass.
 
@@ -367,7 +380,8 @@ def mlp_decomposition(
             ``objective.constants`` and not reported.
         per_neuron: also compute the per-neuron (diagonal-only) residual, for comparison.
         structure: a precomputed :func:`mlp_structure` of ``objective.model``.
-        examples_per_chunk: examples per vectorized step (memory O(chunk · n_l²)).
+        examples_per_chunk: examples per vectorized step (memory O(chunk · n_l²)); default:
+            up to 128, fewer for wide deep nets (:data:`MATRIX_ELEMENTS_PER_CHUNK`).
 
     Raises:
         UnsupportedModelError: the model is not a supported MLP (or its input is not 2-D).
@@ -378,7 +392,7 @@ def mlp_decomposition(
     ggn, res = _zeros(objective), _zeros(objective)
     approx = _zeros(objective) if per_neuron else None
     with torch.no_grad():
-        for x, y in _chunks(objective, examples_per_chunk):
+        for x, y in _chunks(objective, _chunk_size(structure, weights, examples_per_chunk)):
             fwd = _forward(structure, weights, biases, x)
             r, q = _loss_terms(objective.loss, fwd.output, y)
             _accumulate_blocks(structure, fwd, _ggn_squares(weights, fwd, q), names, ggn)
@@ -405,7 +419,7 @@ def mlp_ggn_diagonal(
     objective: Objective,
     *,
     structure: MLPStructure | None = None,
-    examples_per_chunk: int = DEFAULT_EXAMPLES_PER_CHUNK,
+    examples_per_chunk: int | None = None,
 ) -> ParamDict:
     """Exact diag(GGN) of a supported MLP objective: C backpropagated columns of Q per example."""
     structure = structure or mlp_structure(objective.model)
@@ -413,7 +427,7 @@ def mlp_ggn_diagonal(
     names = set(objective.params)
     ggn = _zeros(objective)
     with torch.no_grad():
-        for x, y in _chunks(objective, examples_per_chunk):
+        for x, y in _chunks(objective, _chunk_size(structure, weights, examples_per_chunk)):
             fwd = _forward(structure, weights, biases, x)
             _, q = _loss_terms(objective.loss, fwd.output, y)
             _accumulate_blocks(structure, fwd, _ggn_squares(weights, fwd, q), names, ggn)
@@ -426,7 +440,7 @@ def mlp_phi2_contributions(
     objective: Objective,
     *,
     structure: MLPStructure | None = None,
-    examples_per_chunk: int = DEFAULT_EXAMPLES_PER_CHUNK,
+    examples_per_chunk: int | None = None,
 ) -> Phi2Contributions:
     """diag(GGN) and each hidden layer's φ″ contribution Σ_{b,k} κ^θ_{b,m,k} φ''(z^m_{b,k}) (MATH §4.6).
 
@@ -440,7 +454,7 @@ def mlp_phi2_contributions(
     ggn = _zeros(objective)
     parts = {name: _zeros(objective) for name in structure.activation_names}
     with torch.no_grad():
-        for x, y in _chunks(objective, examples_per_chunk):
+        for x, y in _chunks(objective, _chunk_size(structure, weights, examples_per_chunk)):
             fwd = _forward(structure, weights, biases, x)
             r, q = _loss_terms(objective.loss, fwd.output, y)
             _accumulate_blocks(structure, fwd, _ggn_squares(weights, fwd, q), names, ggn)

@@ -87,6 +87,20 @@ def test_batching_and_chunking_do_not_change_the_result():
     assert max_relative_error(a, b) < 1e-13  # summation order only
 
 
+def test_memory_cap_shrinks_the_chunks_without_changing_the_result(monkeypatch):
+    import hessdiag.analytic as analytic
+
+    model, x, y = make_problem((4, 6, 5, 4), 3, "ce", batch=9)
+    before = mlp_decomposition(objective(model, x, y, "ce", batch_size=9)).diagonal
+    structure = mlp_structure(model)
+    weights = [model[i].weight for i in (1, 3, 5, 7, 9)]
+    assert analytic._chunk_size(structure, weights, None) == 128
+    monkeypatch.setattr(analytic, "MATRIX_ELEMENTS_PER_CHUNK", 2 * 6 * 6)  # widest full M: 6×6
+    assert analytic._chunk_size(structure, weights, None) == 2
+    after = mlp_decomposition(objective(model, x, y, "ce", batch_size=9)).diagonal
+    assert max_relative_error(after, before) < 1e-13
+
+
 def test_frozen_bias_free_nested_and_image_input():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(6, 4, bias=False), nn.Tanh()),
