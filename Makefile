@@ -30,6 +30,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The appendix, machine-checked (MATH.md §4): analytic decomposition vs autograd, sympy proofs.
+# `make test` runs the same quick battery through tests/test_check.py.
+check: $(STAMP)
+	$(PY) -m hessdiag check
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 

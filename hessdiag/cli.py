@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     psi.add_argument("activations", nargs="+", metavar="ACTIVATION",
                      help="registry names, e.g. gelu mish rct:n=2,alpha=7")
 
+    check = sub.add_parser("check", help="analytic GGN + residual decomposition vs autograd on small MLPs, "
+                                         "and the symbolic checks (exit 1 on any failure)")
+    scope = check.add_mutually_exclusive_group()
+    scope.add_argument("--quick", action="store_true", help="a covering subset (default; what CI runs)")
+    scope.add_argument("--full", action="store_true", help="every combination (210 cases)")
+    check.add_argument("--activations", nargs="+", metavar="ACT",
+                       help="rct0 rct1 rct2 silu gelu softplus tanh, or registry specs (default: all)")
+    check.add_argument("--losses", nargs="+", choices=("ce", "mse"), help="default: both")
+    check.add_argument("--depths", nargs="+", type=int, choices=range(1, 6), metavar="{1..5}",
+                       help="hidden layers (default: 1-5)")
+    check.add_argument("--batch-sizes", nargs="+", type=_positive_int, metavar="B", help="default: 1 5")
+    check.add_argument("--no-symbolic", action="store_true", help="skip the sympy checks")
+    check.add_argument("--seed", type=int, default=0, help="network and data seed (default: 0)")
+
     demo = sub.add_parser("demo", help="measure the bundled example checkpoint")
     demo.add_argument("--estimator", default="exact", help="estimator (default: exact)")
     return parser
@@ -130,6 +144,15 @@ def _psi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .check import battery, run_check
+
+    cases = battery(full=args.full, activations=args.activations, losses=args.losses,
+                    depths=args.depths, batch_sizes=args.batch_sizes)
+    report = run_check(cases, symbolic=not args.no_symbolic, seed=args.seed)
+    return EXIT_OK if report.passed else EXIT_INTERNAL
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .api import measure
     from .demo import DEMO_CHECKPOINT, bundled_checkpoint
@@ -150,7 +173,7 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"measure": _measure, "psi": _psi, "demo": _demo}
+COMMANDS = {"measure": _measure, "psi": _psi, "check": _check, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,3 +93,37 @@ def split_like(flat_diag: Tensor, model: nn.Module) -> dict[str, Tensor]:
     named = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
     parts = flat_diag.split([s.numel() for _, s in named])
     return {n: t.reshape(s) for (n, s), t in zip(named, parts)}
+
+
+def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """diag of the residual Σₙ Σ_c r_{n,c} ∇²_θ f_{n,c} (MATH §4.2–4.3), float64, per tensor.
+
+    r = ∂L/∂f for all N×C outputs (torch's own loss, so it carries the 1/N and, for mse, the
+    2/C), frozen; the residual is the Hessian of θ ↦ Σ r ⊙ f(θ).
+    """
+    _, theta0, names, shapes = full_data_loss(model, loss, x, y)
+    net = copy.deepcopy(model).double().eval()
+    sizes = [s.numel() for s in shapes]
+    xd = x.double()
+
+    def outputs(theta: Tensor) -> Tensor:
+        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return functional_call(net, params, (xd,))
+
+    out = outputs(theta0).detach().requires_grad_(True)
+    if loss == "ce":
+        value = F.cross_entropy(out, y)
+    else:
+        target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
+        value = F.mse_loss(out, target.double().reshape(out.shape))
+    (r,) = torch.autograd.grad(value, out)
+    hess = torch.autograd.functional.hessian(lambda t: (r * outputs(t)).sum(), theta0)
+    diag = hess.diagonal()
+    return {n: t.reshape(s) for n, t, s in zip(names, diag.split(sizes), shapes)}
+
+
+def reference_ggn_diagonal(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """diag of :func:`reference_ggn`, split per parameter tensor."""
+    _, _, names, shapes = full_data_loss(model, loss, x, y)
+    diag = reference_ggn(model, loss, x, y).diagonal()
+    return {n: t.reshape(s) for n, t, s in zip(names, diag.split([s.numel() for s in shapes]), shapes)}

@@ -8,7 +8,7 @@ import torch
 from hessdiag.cli import main
 from hessdiag.demo import bundled_checkpoint
 from hessdiag.io import save_checkpoint
-from hessdiag.models import mlp
+from hessdiag.models import cnn, mlp
 
 
 @pytest.fixture
@@ -63,12 +63,18 @@ def run_cli(args):
         (["measure", "CKPT", "--estimator", "nope"], "invalid choice"),
         (["measure", "CKPT", "--data", "imagenet"], "unknown data spec"),
         (["measure", "CKPT", "--data", "tensors:/nonexistent.pt"], "data file not found"),
-        (["measure", "CKPT", "--max-params", "5"], "exceed the budget"),
+        # A CNN: the MLP fast path of `exact` is cheap and exempt from the budget.
+        (["measure", "CNN", "--max-params", "5"], "exceed the budget"),
         (["measure", "CKPT", "--model-kwargs", "{"], "not valid JSON"),
         (["psi", "swishy"], "unknown activation"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(args, message, small_checkpoint, capsys):
+def test_bad_input_exits_2_with_one_line(args, message, small_checkpoint, tmp_path, capsys):
+    if "CNN" in args:
+        kwargs = {"in_channels": 1, "image_size": 8, "channels": [2], "num_classes": 10}
+        cnn_path = tmp_path / "cnn.pt"
+        save_checkpoint(cnn_path, cnn(**kwargs), "hessdiag.models:cnn", kwargs, {"data": "digits", "loss": "ce"})
+        args = [str(cnn_path) if a == "CNN" else a for a in args]
     args = [str(small_checkpoint) if a == "CKPT" else a for a in args]
     if args[0] == "measure":
         args += ["--max-examples", "10"]

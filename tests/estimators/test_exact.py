@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import hessdiag
-from hessdiag.estimators import EstimatorError
+from hessdiag.estimators import EstimatorError, ExactEstimator
 from hessdiag.models import cnn, mlp
+from hessdiag.objective import Objective
 
 from ..reference import max_relative_error, reference_diagonal
 
@@ -103,18 +104,54 @@ def test_frozen_parameters_are_not_measured(tiny_classification):
     assert max_relative_error(diag, reference_diagonal(model, "ce", x, y)) < EXACT_RTOL
 
 
-def test_refuses_above_the_parameter_budget_and_says_how_long(tiny_classification):
-    model = tiny_mlp()
+def test_refuses_above_the_parameter_budget_and_says_how_long():
+    model = tiny_cnn()  # not an MLP: the HVP path, which the budget is for
+    data = image_data()
     with pytest.raises(EstimatorError, match=r"exceed the budget of 10 \(estimated .*\).*hutchinson"):
-        hessdiag.measure(model, tiny_classification, max_params=10)
-    forced = hessdiag.measure(model, tiny_classification, max_params=10, force=True)
+        hessdiag.measure(model, data, max_params=10)
+    forced = hessdiag.measure(model, data, max_params=10, force=True)
     assert forced.hvps == forced.num_params
 
 
-def test_double_backward_fallback_matches(tiny_classification, monkeypatch):
-    model = tiny_mlp()
+def test_analytic_mlp_path_ignores_the_budget_and_spends_no_hvps(tiny_classification):
+    result = hessdiag.measure(tiny_mlp(), tiny_classification, max_params=10)
+    assert result.hvps == 0
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_mlp_fast_path_and_basis_hvps_agree_with_the_reference(loss, tiny_classification):
+    model = tiny_mlp("rct:n=2,alpha=7")
     x, y = tiny_classification
-    from hessdiag.objective import Objective
+    objective = Objective(model, (x, y), loss, dtype=torch.float64, batch_size=7)
+    fast = ExactEstimator().estimate(objective)
+    slow = ExactEstimator(analytic=False).estimate(objective)
+    assert fast.info["method"] == "analytic-mlp" and fast.hvps == 0
+    assert slow.info["method"] == "basis-hvp" and slow.hvps == objective.num_params
+    reference = reference_diagonal(model, loss, x, y)
+    assert max_relative_error(fast.diagonal, reference) < EXACT_RTOL
+    assert max_relative_error(slow.diagonal, reference) < EXACT_RTOL
+    split = {k: fast.info["ggn"][k] + fast.info["residual"][k] for k in fast.diagonal}
+    assert max_relative_error(split, fast.diagonal) < 1e-15
+
+
+def test_unsupported_models_fall_back_silently(recwarn):
+    model = tiny_cnn()
+    objective = Objective(model, image_data(), "ce", dtype=torch.float64)
+    assert ExactEstimator().estimate(objective).info["method"] == "basis-hvp"
+    # An MLP whose inputs are not [batch, features] (Linear over the last axis): HVPs too.
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x, y = torch.randn(5, 2, 4), torch.randn(5, 2, 2)
+    objective = Objective(seq, (x, y), "mse", dtype=torch.float64)
+    estimate = ExactEstimator().estimate(objective)
+    assert estimate.info["method"] == "basis-hvp"
+    assert max_relative_error(estimate.diagonal, reference_diagonal(seq, "mse", x, y)) < EXACT_RTOL
+    assert not recwarn.list
+
+
+def test_double_backward_fallback_matches(monkeypatch):
+    model = tiny_cnn()
+    x, y = image_data()
 
     def broken(self, *args):
         raise NotImplementedError("no functorch support in this test")
