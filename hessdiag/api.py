@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator
+from .ggn import split_diagonal
 from .objective import Objective
 from .result import Result
 
@@ -46,6 +47,7 @@ def measure(
     max_params: int | None = None,
     force: bool = False,
     checkpoint: str | None = None,
+    split_ggn: bool = False,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
 
@@ -62,6 +64,10 @@ def measure(
         chunk_size: probes per vectorized HVP; bounds peak memory.
         max_params, force: parameter budget of exact estimators.
         checkpoint: a label recorded in the result document.
+        split_ggn: also compute the exact GGN diagonal d_GGN (BackPACK ``DiagGGNExact``
+            where it can traverse the model, else torch.func; :mod:`hessdiag.ggn`) and
+            report the normalized norms of d_GGN and d_res = d − d_GGN, in total and per
+            layer. ``seconds`` includes this step.
     """
     options = EstimatorOptions(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed,
                                max_params=max_params, force=force)
@@ -70,10 +76,11 @@ def measure(
                           batch_size=batch_size, chunk_size=chunk_size)
     start = time.perf_counter()
     estimate = chosen.estimate(objective)
-    seconds = time.perf_counter() - start
     for name, block in estimate.diagonal.items():
         if not bool(torch.isfinite(block).all()):
             raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
+    split = split_diagonal(objective, estimate.diagonal) if split_ggn else None
+    seconds = time.perf_counter() - start
     return Result.from_estimate(
         estimate,
         estimator=estimator,
@@ -83,6 +90,7 @@ def measure(
         seconds=seconds,
         seed=None if chosen.exact else seed,
         checkpoint=checkpoint,
+        split=split,
     )
 
 

@@ -93,3 +93,32 @@ def split_like(flat_diag: Tensor, model: nn.Module) -> dict[str, Tensor]:
     named = [(n, p.shape) for n, p in model.named_parameters() if p.requires_grad]
     parts = flat_diag.split([s.numel() for _, s in named])
     return {n: t.reshape(s) for (n, s), t in zip(named, parts)}
+
+
+def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
+    """Full P×P residual part of the Hessian (MATH.md §4.3), float64.
+
+    The Hessian of θ ↦ Σ_{n,c} R_{nc} f_{nc}(θ) with R = ∂L/∂f (the gradient of the mean
+    loss with respect to all N×C outputs) evaluated at θ₀ and then frozen; equivalently
+    (1/N) Σₙ rₙᵀ fₙ(θ) with rₙ = ∇_f ℓₙ. Independent of :func:`reference_ggn`, so
+    ``reference_ggn + reference_residual == reference_hessian`` is itself a check.
+    """
+    _, theta0, names, shapes = full_data_loss(model, loss, x, y)
+    net = copy.deepcopy(model).double().eval()
+    sizes = [s.numel() for s in shapes]
+    xd = x.double()
+
+    def outputs(theta: Tensor) -> Tensor:
+        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return functional_call(net, params, (xd,))
+
+    out = outputs(theta0).detach().requires_grad_(True)
+    if loss == "ce":
+        value = F.cross_entropy(out, y)
+    else:
+        target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
+        value = F.mse_loss(out, target.double().reshape(out.shape))
+    (residual_weights,) = torch.autograd.grad(value, out)
+    return torch.autograd.functional.hessian(
+        lambda theta: (residual_weights * outputs(theta)).sum(), theta0
+    )

@@ -22,9 +22,10 @@ naming the module. ``DiagGGNExact`` can in addition go through BackPACK's graph 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -36,7 +37,7 @@ from backpack.extensions.backprop_extension import BackpropExtension
 
 from ..estimators.base import EstimatorError
 from ..objective import Objective, ParamDict
-from .extensions import diag_ggn_exact, diag_hessian
+from .extensions import SMOOTH_ACTIVATIONS, diag_ggn_exact, diag_hessian
 
 Quantity = Literal["hessian", "ggn"]
 
@@ -109,6 +110,49 @@ def extended_copy(objective: Objective) -> nn.Module:
     return net
 
 
+def _convert(net: nn.Module, original: nn.Module, quantity: str) -> nn.Module:
+    """BackPACK's graph converter, with our activations kept as leaf modules.
+
+    torch.fx traces through every module outside ``torch.nn``, which would dissolve RCT-AF
+    into a bare autograd Function call that BackPACK cannot see; we mark our activations
+    as leaves while converting. Any node left that is not a module call (BackPACK warns
+    "may break second-order extensions") would be silently skipped by the hooks, so it is
+    an error here.
+    """
+    from unittest import mock
+
+    from backpack.custom_module import graph_utils
+
+    leaf = graph_utils.BackpackTracer.is_leaf_module
+
+    def is_leaf(tracer: object, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, SMOOTH_ACTIVATIONS) or leaf(tracer, m, qualified_name)
+
+    try:
+        with mock.patch.object(graph_utils.BackpackTracer, "is_leaf_module", is_leaf), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Encountered node that may break")
+            return extend(net, use_converter=True)
+    except Exception as err:  # noqa: BLE001 - torch.fx raises anything on untraceable code
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise BackpackUnsupportedError(
+            f"backpack: the graph converter failed on {type(original).__name__} "
+            f"({type(err).__name__}: {first}); {_suggestion(quantity)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Some BackPACK derivatives (adaptive average pooling) build helper modules in the
+    # default dtype and then fail on float64 inputs; BackPACK runs them in ours.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _loss_module(loss: str) -> nn.Module:
     return extend(nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss())
 
@@ -140,14 +184,7 @@ def backpack_diagonal(
     if use_converter:
         if quantity == "hessian":
             raise BackpackUnsupportedError("backpack: the graph converter is only used for the GGN")
-        try:
-            net = extend(net, use_converter=True)
-        except Exception as err:  # noqa: BLE001 - torch.fx raises anything on untraceable code
-            first = (str(err).strip().splitlines() or [""])[0][:160]
-            raise BackpackUnsupportedError(
-                f"backpack: the graph converter failed on {type(objective.model).__name__} "
-                f"({type(err).__name__}: {first}); {_suggestion(quantity)}"
-            ) from None
+        net = _convert(net, objective.model, quantity)
     else:
         check_traversable(net, quantity)
         net = extend(net)
@@ -163,11 +200,11 @@ def backpack_diagonal(
         output = net(x)
         loss = lossfunc(output, _target(objective.loss, output, y))
         try:
-            with backpack(factory()), warnings.catch_warnings():
+            with backpack(factory()), _default_dtype(objective.dtype), warnings.catch_warnings():
                 # The first layer's input needs no gradient; BackPACK's hooks expect that.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
-        except NotImplementedError as err:
+        except (NotImplementedError, RuntimeError) as err:
             first = (str(err).strip().splitlines() or [""])[0][:160]
             raise BackpackUnsupportedError(f"backpack: {ext_name} failed: {first}; "
                                            f"{_suggestion(quantity)}") from None
