@@ -9,7 +9,7 @@
 """
 
 from .derivatives import ClosedFormActivationDerivatives
-from .diagonal import BackpackUnsupportedError, backpack_diagonal, check_traversable, extended_copy
+from .diagonal import BackpackUnsupportedError, backpack_diagonal, check_traversable
 from .extensions import SMOOTH_ACTIVATIONS, diag_ggn_exact, diag_ggn_mc, diag_hessian, register
 
 __all__ = [
@@ -21,6 +21,5 @@ __all__ = [
     "diag_ggn_exact",
     "diag_ggn_mc",
     "diag_hessian",
-    "extended_copy",
     "register",
 ]

@@ -22,10 +22,8 @@ naming the module. ``DiagGGNExact`` can in addition go through BackPACK's graph 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -36,7 +34,7 @@ from backpack import backpack, extend
 from backpack.extensions.backprop_extension import BackpropExtension
 
 from ..estimators.base import EstimatorError
-from ..objective import Objective, ParamDict
+from ..objective import Objective, ParamDict, default_dtype
 from .extensions import SMOOTH_ACTIVATIONS, diag_ggn_exact, diag_hessian
 
 Quantity = Literal["hessian", "ggn"]
@@ -88,28 +86,6 @@ def check_traversable(model: nn.Module, quantity: Quantity = "hessian") -> None:
             )
 
 
-def extended_copy(objective: Objective) -> nn.Module:
-    """A deep copy of the objective's model in its dtype/device with θ = ``objective.params``.
-
-    Parameters not in ``objective.params`` are frozen; the copy is in eval mode (SPEC §1)
-    and carries no ``.grad`` fields. Never extend the user's model itself.
-    """
-    net = copy.deepcopy(objective.model).to(device=objective.device, dtype=objective.dtype)
-    net.eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.grad = None
-            if name in objective.params:
-                p.copy_(objective.params[name])
-                p.requires_grad_(True)
-            else:
-                p.requires_grad_(False)
-        for name, b in net.named_buffers():
-            if name in objective.constants:
-                b.copy_(objective.constants[name])
-    return net
-
-
 def _convert(net: nn.Module, original: nn.Module, quantity: str) -> nn.Module:
     """BackPACK's graph converter, with our activations kept as leaf modules.
 
@@ -141,18 +117,6 @@ def _convert(net: nn.Module, original: nn.Module, quantity: str) -> nn.Module:
         ) from None
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    # Some BackPACK derivatives (adaptive average pooling) build helper modules in the
-    # default dtype and then fail on float64 inputs; BackPACK runs them in ours.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _loss_module(loss: str) -> nn.Module:
     return extend(nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss())
 
@@ -179,7 +143,7 @@ def backpack_diagonal(
         BackpackUnsupportedError: the model cannot be traversed (message names the module).
     """
     factory, savefield, ext_name = _EXTENSIONS[quantity]
-    net = extended_copy(objective)
+    net = objective.model_copy()  # never extend the user's model
     names = {id(p): n for n, p in net.named_parameters() if p.requires_grad}
     if use_converter:
         if quantity == "hessian":
@@ -198,9 +162,13 @@ def backpack_diagonal(
     total = {n: torch.zeros_like(objective.params[n]) for n in names.values()}
     for x, y, n_b in objective.batches():
         output = net(x)
+        if output.dim() != 2:
+            raise BackpackUnsupportedError(
+                f"backpack: BackPACK's losses need [batch, classes] outputs, got shape "
+                f"{tuple(output.shape)}; {_suggestion(quantity)}")
         loss = lossfunc(output, _target(objective.loss, output, y))
         try:
-            with backpack(factory()), _default_dtype(objective.dtype), warnings.catch_warnings():
+            with backpack(factory()), default_dtype(objective.dtype), warnings.catch_warnings():
                 # The first layer's input needs no gradient; BackPACK's hooks expect that.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
