@@ -70,6 +70,8 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="probe seed (default: 0)")
     p.add_argument("--split-ggn", action="store_true",
                    help="also report the Gauss-Newton and residual parts of the diagonal (exact GGN)")
+    p.add_argument("--extras", metavar="LIST",
+                   help="PyHessian context metrics: trace[:PROBES],top-eig[:K] (needs hessdiag[pyhessian])")
     p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--max-params", type=_positive_int, help="parameter budget of the exact estimator")
@@ -113,6 +115,7 @@ def _measure(args: argparse.Namespace) -> int:
         max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
         batch_size=args.batch_size, max_params=args.max_params, force=args.force,
         checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
+        extras=args.extras,
     )
     print(f"{result.normalized_norm:.6g}" if args.quiet else result.table())
     if args.json:

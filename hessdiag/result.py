@@ -71,6 +71,7 @@ class Result:
     residual_normalized_norm: float | None = None
     checkpoint: str | None = None
     ggn_method: str | None = None
+    extras: dict[str, Any] | None = None
     diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -88,6 +89,7 @@ class Result:
         seed: int | None = None,
         checkpoint: str | None = None,
         split: GGNSplit | None = None,
+        extras: dict[str, Any] | None = None,
     ) -> Result:
         """Assemble totals and per-layer norms from an estimator's output.
 
@@ -141,6 +143,7 @@ class Result:
             ggn_method=None if split is None else split.method,
             ggn_diagonal=None if split is None else split.ggn,
             residual_diagonal=None if split is None else split.residual,
+            extras=extras,
         )
 
     # -- serialization ------------------------------------------------------------------
@@ -166,6 +169,7 @@ class Result:
             "ggn_normalized_norm": self.ggn_normalized_norm,
             "residual_normalized_norm": self.residual_normalized_norm,
             "ggn_method": self.ggn_method,
+            "extras": self.extras,
             "per_layer": [],
         }
         for layer in self.per_layer:
@@ -210,7 +214,21 @@ class Result:
                 f"dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
-        return "\n".join(lines + [extra])
+        return "\n".join(lines + [extra] + self._extras_lines())
+
+    def _extras_lines(self) -> list[str]:
+        if not self.extras:
+            return []
+        parts = []
+        if "trace" in self.extras:
+            lo, hi = self.extras["trace_ci95"]
+            parts.append(f"trace={self.extras['trace']:.6g} [{lo:.6g}, {hi:.6g}] "
+                         f"({self.extras['trace_probes']} probes)")
+            if "diagonal_sum" in self.extras:
+                parts.append(f"sum(diag)={self.extras['diagonal_sum']:.6g}")
+        if "top_eigenvalues" in self.extras:
+            parts.append("top eigenvalues=" + ", ".join(f"{e:.6g}" for e in self.extras["top_eigenvalues"]))
+        return ["  ".join(parts) + f"  ({self.extras['method']}, {self.extras['hvps']} HVPs)"]
 
     def __str__(self) -> str:
         return self.table()
