@@ -52,15 +52,15 @@ def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[Para
     from .backpack_ext import BackpackUnsupportedError, backpack_diagonal, check_traversable
 
     try:
-        check_traversable(objective.model, "ggn")
-    except BackpackUnsupportedError:
         try:
-            return backpack_diagonal(objective, "ggn", use_converter=True), "backpack-converter"
+            check_traversable(objective.model, "ggn")
         except BackpackUnsupportedError:
-            if method == "backpack":
-                raise
-            return objective.ggn_diagonal(), "func"
-    return backpack_diagonal(objective, "ggn"), "backpack"
+            return backpack_diagonal(objective, "ggn", use_converter=True), "backpack-converter"
+        return backpack_diagonal(objective, "ggn"), "backpack"
+    except BackpackUnsupportedError:
+        if method == "backpack":
+            raise
+        return objective.ggn_diagonal(), "func"
 
 
 def split_diagonal(objective: Objective, diagonal: ParamDict, method: GGNMethod = "auto") -> GGNSplit:
