@@ -54,6 +54,16 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _extras(text: str) -> str:
+    from .extras import parse_extras
+
+    try:
+        parse_extras(text)
+    except HessdiagError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import ESTIMATORS
     from .objective import LOSSES
@@ -70,7 +80,7 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="probe seed (default: 0)")
     p.add_argument("--split-ggn", action="store_true",
                    help="also report the Gauss-Newton and residual parts of the diagonal (exact GGN)")
-    p.add_argument("--extras", metavar="LIST",
+    p.add_argument("--extras", metavar="LIST", type=_extras,
                    help="PyHessian context metrics: trace[:PROBES],top-eig[:K] (needs hessdiag[pyhessian])")
     p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")

@@ -161,14 +161,17 @@ def backpack_diagonal(
     lossfunc = _loss_module(objective.loss)
     total = {n: torch.zeros_like(objective.params[n]) for n in names.values()}
     for x, y, n_b in objective.batches():
-        output = net(x)
+        with torch.enable_grad():  # measure() may be called under torch.no_grad()
+            output = net(x)
         if output.dim() != 2:
             raise BackpackUnsupportedError(
                 f"backpack: BackPACK's losses need [batch, classes] outputs, got shape "
                 f"{tuple(output.shape)}; {_suggestion(quantity)}")
-        loss = lossfunc(output, _target(objective.loss, output, y))
+        with torch.enable_grad():
+            loss = lossfunc(output, _target(objective.loss, output, y))
         try:
-            with backpack(factory()), default_dtype(objective.dtype), warnings.catch_warnings():
+            with backpack(factory()), default_dtype(objective.dtype), torch.enable_grad(), \
+                    warnings.catch_warnings():
                 # The first layer's input needs no gradient; BackPACK's hooks expect that.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()

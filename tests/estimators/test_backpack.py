@@ -144,3 +144,11 @@ def test_untraversable_models_are_refused_naming_the_module(model, named, tiny_c
     with pytest.raises(BackpackUnsupportedError, match=named + r".*--estimator hutchinson"):
         hessdiag.measure(model, tiny_classification, "ce", "backpack")
     assert issubclass(BackpackUnsupportedError, EstimatorError)
+
+
+def test_works_under_no_grad(tiny_classification):
+    model = tiny_mlp("softplus")
+    x, y = tiny_classification
+    with torch.no_grad():
+        bp = hessdiag.hessian_diagonal(model, (x, y), "ce", "backpack", dtype="float64")
+    assert max_relative_error(bp, reference_diagonal(model, "ce", x, y)) < BACKPACK_RTOL
