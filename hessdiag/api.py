@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator
+from .extras import compute_extras, parse_extras
+from .ggn import split_diagonal
 from .objective import Objective
 from .result import Result
 
@@ -46,6 +49,8 @@ def measure(
     max_params: int | None = None,
     force: bool = False,
     checkpoint: str | None = None,
+    split_ggn: bool = False,
+    extras: str | Iterable[str] | None = None,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
 
@@ -62,18 +67,29 @@ def measure(
         chunk_size: probes per vectorized HVP; bounds peak memory.
         max_params, force: parameter budget of exact estimators.
         checkpoint: a label recorded in the result document.
+        split_ggn: also compute the exact GGN diagonal d_GGN (BackPACK ``DiagGGNExact``
+            where it can traverse the model, else torch.func; :mod:`hessdiag.ggn`) and
+            report the normalized norms of d_GGN and d_res = d − d_GGN, in total and per
+            layer. ``seconds`` includes this step.
+        extras: context metrics from PyHessian (``pip install 'hessdiag[pyhessian]'``):
+            ``"trace"`` (Hutchinson trace, ``trace:K`` probes, default 100) and
+            ``"top-eig"`` (top eigenvalue(s), ``top-eig:K``), as a comma-separated string
+            or a sequence; reported in ``Result.extras`` (:mod:`hessdiag.extras`).
     """
     options = EstimatorOptions(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed,
                                max_params=max_params, force=force)
     chosen = get_estimator(estimator, options)
+    parse_extras(extras)  # reject a bad request before any work
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
                           batch_size=batch_size, chunk_size=chunk_size)
     start = time.perf_counter()
     estimate = chosen.estimate(objective)
-    seconds = time.perf_counter() - start
     for name, block in estimate.diagonal.items():
         if not bool(torch.isfinite(block).all()):
             raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
+    split = split_diagonal(objective, estimate.diagonal) if split_ggn else None
+    context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
+    seconds = time.perf_counter() - start
     return Result.from_estimate(
         estimate,
         estimator=estimator,
@@ -83,6 +99,8 @@ def measure(
         seconds=seconds,
         seed=None if chosen.exact else seed,
         checkpoint=checkpoint,
+        split=split,
+        extras=context,
     )
 
 

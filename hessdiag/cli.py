@@ -54,6 +54,16 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _extras(text: str) -> str:
+    from .extras import parse_extras
+
+    try:
+        parse_extras(text)
+    except HessdiagError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import ESTIMATORS
     from .objective import LOSSES
@@ -68,6 +78,10 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=_positive_float, default=0.05, help="adaptive stop: relative CI half-width (default: 0.05)")
     p.add_argument("--max-samples", type=_positive_int, default=1024, help="adaptive stop: probe cap (default: 1024)")
     p.add_argument("--seed", type=int, default=0, help="probe seed (default: 0)")
+    p.add_argument("--split-ggn", action="store_true",
+                   help="also report the Gauss-Newton and residual parts of the diagonal (exact GGN)")
+    p.add_argument("--extras", metavar="LIST", type=_extras,
+                   help="PyHessian context metrics: trace[:PROBES],top-eig[:K] (needs hessdiag[pyhessian])")
     p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--max-params", type=_positive_int, help="parameter budget of the exact estimator")
@@ -124,7 +138,8 @@ def _measure(args: argparse.Namespace) -> int:
         model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
         max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
         batch_size=args.batch_size, max_params=args.max_params, force=args.force,
-        checkpoint=str(args.checkpoint),
+        checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
+        extras=args.extras,
     )
     print(f"{result.normalized_norm:.6g}" if args.quiet else result.table())
     if args.json:

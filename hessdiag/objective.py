@@ -88,6 +88,22 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily make ``dtype`` torch's default dtype (floating dtypes only).
+
+    For libraries that create tensors in the default dtype and then mix them with ours
+    (BackPACK's pooling derivatives, PyHessian's probes) when computing in float64.
+    """
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class BatchSource:
     """Re-iterable view of the data as ``(x, y)`` batches.
 
@@ -341,6 +357,33 @@ class Objective:
                     for k in total:
                         total[k].add_(part[k].sum(0))
         return {k: v / self.num_examples for k, v in total.items()}
+
+    # -- stateful copies for libraries that need a module -------------------------------
+
+    def model_copy(self) -> nn.Module:
+        """A deep copy of the model in the compute dtype/device with θ = :attr:`params`.
+
+        For libraries that work on a stateful module (BackPACK, PyHessian) and would
+        otherwise install hooks on, switch the mode of, or write ``.grad`` into the user's
+        model. Parameters outside θ are frozen; the copy is in eval mode (SPEC §1) and
+        carries no ``.grad`` fields.
+        """
+        import copy
+
+        net = copy.deepcopy(self.model).to(device=self.device, dtype=self.dtype)
+        net.eval()
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.grad = None
+                if name in self.params:
+                    p.copy_(self.params[name])
+                    p.requires_grad_(True)
+                else:
+                    p.requires_grad_(False)
+            for name, b in net.named_buffers():
+                if name in self.constants:
+                    b.copy_(self.constants[name])
+        return net
 
     # -- flat <-> dict ------------------------------------------------------------------
 

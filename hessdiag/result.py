@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._version import __version__
 from .estimators.base import DiagonalEstimate, NormStatistics
+from .ggn import GGNSplit
 
 
 
@@ -69,7 +70,11 @@ class Result:
     ggn_normalized_norm: float | None = None
     residual_normalized_norm: float | None = None
     checkpoint: str | None = None
+    ggn_method: str | None = None
+    extras: dict[str, Any] | None = None
     diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
+    residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_estimate(
@@ -83,8 +88,16 @@ class Result:
         seconds: float,
         seed: int | None = None,
         checkpoint: str | None = None,
+        split: GGNSplit | None = None,
+        extras: dict[str, Any] | None = None,
     ) -> Result:
-        """Assemble totals and per-layer norms from an estimator's output."""
+        """Assemble totals and per-layer norms from an estimator's output.
+
+        With ``split`` (d = d_GGN + d_res, :func:`hessdiag.ggn.split_diagonal`) the GGN and
+        residual normalized norms are filled in, in total and per layer. They are the norms
+        of the point estimates: exact for exact estimators; for a stochastic d the residual
+        norm includes the estimator's noise (it is not debiased).
+        """
         diag = estimate.diagonal
         stats = estimate.norm_statistics
         if stats is None:  # exact: squared norms straight from the diagonal
@@ -102,6 +115,10 @@ class Result:
                         interval(stats[name], sizes[name]))
             for name in diag
         ]
+        if split is not None:
+            for layer in layers:
+                layer.ggn_normalized_norm = normalized_norm(split.ggn[layer.name])
+                layer.residual_normalized_norm = normalized_norm(split.residual[layer.name])
         total = stats["total"]
         naive = None if total.naive_sq_norm is None else _rms(total.naive_sq_norm, total_p)
         return cls(
@@ -121,6 +138,12 @@ class Result:
             naive_normalized_norm=naive,
             checkpoint=checkpoint,
             diagonal=diag,
+            ggn_normalized_norm=None if split is None else normalized_norm(split.ggn),
+            residual_normalized_norm=None if split is None else normalized_norm(split.residual),
+            ggn_method=None if split is None else split.method,
+            ggn_diagonal=None if split is None else split.ggn,
+            residual_diagonal=None if split is None else split.residual,
+            extras=extras,
         )
 
     # -- serialization ------------------------------------------------------------------
@@ -145,6 +168,8 @@ class Result:
             "seed": self.seed,
             "ggn_normalized_norm": self.ggn_normalized_norm,
             "residual_normalized_norm": self.residual_normalized_norm,
+            "ggn_method": self.ggn_method,
+            "extras": self.extras,
             "per_layer": [],
         }
         for layer in self.per_layer:
@@ -189,7 +214,21 @@ class Result:
                 f"dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
-        return "\n".join(lines + [extra])
+        return "\n".join(lines + [extra] + self._extras_lines())
+
+    def _extras_lines(self) -> list[str]:
+        if not self.extras:
+            return []
+        parts = []
+        if "trace" in self.extras:
+            lo, hi = self.extras["trace_ci95"]
+            parts.append(f"trace={self.extras['trace']:.6g} [{lo:.6g}, {hi:.6g}] "
+                         f"({self.extras['trace_probes']} probes)")
+            if "diagonal_sum" in self.extras:
+                parts.append(f"sum(diag)={self.extras['diagonal_sum']:.6g}")
+        if "top_eigenvalues" in self.extras:
+            parts.append("top eigenvalues=" + ", ".join(f"{e:.6g}" for e in self.extras["top_eigenvalues"]))
+        return ["  ".join(parts) + f"  ({self.extras['method']}, {self.extras['hvps']} HVPs)"]
 
     def __str__(self) -> str:
         return self.table()

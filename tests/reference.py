@@ -95,11 +95,13 @@ def split_like(flat_diag: Tensor, model: nn.Module) -> dict[str, Tensor]:
     return {n: t.reshape(s) for (n, s), t in zip(named, parts)}
 
 
-def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """diag of the residual Σₙ Σ_c r_{n,c} ∇²_θ f_{n,c} (MATH §4.2–4.3), float64, per tensor.
+def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
+    """Full P×P residual part of the Hessian (MATH.md §4.3), float64.
 
-    r = ∂L/∂f for all N×C outputs (torch's own loss, so it carries the 1/N and, for mse, the
-    2/C), frozen; the residual is the Hessian of θ ↦ Σ r ⊙ f(θ).
+    The Hessian of θ ↦ Σ_{n,c} R_{nc} f_{nc}(θ) with R = ∂L/∂f (the gradient of the mean
+    loss with respect to all N×C outputs) evaluated at θ₀ and then frozen; equivalently
+    (1/N) Σₙ rₙᵀ fₙ(θ) with rₙ = ∇_f ℓₙ. Independent of :func:`reference_ggn`, so
+    ``reference_ggn + reference_residual == reference_hessian`` is itself a check.
     """
     _, theta0, names, shapes = full_data_loss(model, loss, x, y)
     net = copy.deepcopy(model).double().eval()
@@ -116,14 +118,17 @@ def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dic
     else:
         target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
         value = F.mse_loss(out, target.double().reshape(out.shape))
-    (r,) = torch.autograd.grad(value, out)
-    hess = torch.autograd.functional.hessian(lambda t: (r * outputs(t)).sum(), theta0)
-    diag = hess.diagonal()
-    return {n: t.reshape(s) for n, t, s in zip(names, diag.split(sizes), shapes)}
+    (residual_weights,) = torch.autograd.grad(value, out)
+    return torch.autograd.functional.hessian(
+        lambda theta: (residual_weights * outputs(theta)).sum(), theta0
+    )
+
+
+def reference_residual_diagonal(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """diag of :func:`reference_residual`, split per parameter tensor."""
+    return split_like(reference_residual(model, loss, x, y).diagonal(), model)
 
 
 def reference_ggn_diagonal(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """diag of :func:`reference_ggn`, split per parameter tensor."""
-    _, _, names, shapes = full_data_loss(model, loss, x, y)
-    diag = reference_ggn(model, loss, x, y).diagonal()
-    return {n: t.reshape(s) for n, t, s in zip(names, diag.split([s.numel() for s in shapes]), shapes)}
+    return split_like(reference_ggn(model, loss, x, y).diagonal(), model)

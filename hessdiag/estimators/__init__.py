@@ -9,9 +9,10 @@ from .base import (
     EstimatorOptions,
     NormStatistics,
 )
+from .backpack import BackpackEstimator
 from .exact import ExactEstimator
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (ExactEstimator,)}
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (ExactEstimator, BackpackEstimator)}
 
 
 def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimator:
@@ -27,6 +28,7 @@ def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimat
 
 __all__ = [
     "ESTIMATORS",
+    "BackpackEstimator",
     "DiagonalEstimate",
     "Estimator",
     "EstimatorError",

@@ -1,0 +1,70 @@
+r"""The Gauss–Newton/residual split of the Hessian diagonal (MATH.md §4.2), in one place.
+
+By the chain rule, for L(θ) = (1/N) Σₙ ℓ(f(xₙ; θ), yₙ),
+
+    ∇²L = (1/N) Σₙ Jₙᵀ Λₙ Jₙ  +  (1/N) Σₙ Σ_c rₙ,c ∇²_θ fₙ,c ,     rₙ = ∇_f ℓₙ, Λₙ = ∇²_f ℓₙ,
+          └── GGN G (PSD) ──┘    └──── residual: where φ'' enters ────┘
+
+so d = d_GGN + d_res with d_GGN = diag G ≥ 0. d_GGN is computed exactly; d_res = d − d_GGN
+from whatever estimator produced d (for a stochastic d, d_res inherits its noise).
+
+:func:`ggn_diagonal` dispatches the exact diag G:
+
+- ``"backpack"``: BackPACK ``DiagGGNExact`` (one extended backward per batch) on an
+  ``nn.Sequential`` copy, else through BackPACK's graph converter (ResNets: residual
+  additions, BatchNorm in eval mode);
+- ``"func"``: :meth:`Objective.ggn_diagonal` — per-example VJPs of the loss-Hessian factor
+  with ``torch.func`` (any model torch.func can differentiate; C VJPs per example);
+- ``"auto"`` (default): ``"backpack"`` where BackPACK can traverse the model, else ``"func"``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from .errors import HessdiagError
+from .objective import Objective, ParamDict
+
+GGNMethod = Literal["auto", "backpack", "func"]
+GGN_METHODS: tuple[str, ...] = ("auto", "backpack", "func")
+
+
+class GGNSplit(NamedTuple):
+    """d = ggn + residual, each ``{name: Tensor}``; ``method`` names how ggn was computed
+    (``"backpack"``, ``"backpack-converter"`` or ``"func"``)."""
+
+    ggn: ParamDict
+    residual: ParamDict
+    method: str
+
+
+def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[ParamDict, str]:
+    """Exact diag of the generalized Gauss–Newton matrix of ``objective``.
+
+    Returns ``(diagonal, used)`` where ``used`` is ``"backpack"``, ``"backpack-converter"``
+    or ``"func"``. With ``method="backpack"`` a model BackPACK cannot traverse raises
+    :class:`~hessdiag.backpack_ext.BackpackUnsupportedError`.
+    """
+    if method not in GGN_METHODS:
+        raise HessdiagError(f"unknown GGN method {method!r}; choose one of {', '.join(GGN_METHODS)}")
+    if method == "func":
+        return objective.ggn_diagonal(), "func"
+    from .backpack_ext import BackpackUnsupportedError, backpack_diagonal, check_traversable
+
+    try:
+        try:
+            check_traversable(objective.model, "ggn")
+        except BackpackUnsupportedError:
+            return backpack_diagonal(objective, "ggn", use_converter=True), "backpack-converter"
+        return backpack_diagonal(objective, "ggn"), "backpack"
+    except BackpackUnsupportedError:
+        if method == "backpack":
+            raise
+        return objective.ggn_diagonal(), "func"
+
+
+def split_diagonal(objective: Objective, diagonal: ParamDict, method: GGNMethod = "auto") -> GGNSplit:
+    """Split a Hessian diagonal of ``objective`` into its exact GGN part and the residual."""
+    ggn, used = ggn_diagonal(objective, method)
+    residual = {name: diagonal[name] - ggn[name].to(diagonal[name].dtype) for name in diagonal}
+    return GGNSplit(ggn={name: ggn[name] for name in diagonal}, residual=residual, method=used)
