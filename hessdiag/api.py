@@ -87,7 +87,11 @@ def measure(
     for name, block in estimate.diagonal.items():
         if not bool(torch.isfinite(block).all()):
             raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
-    split = split_diagonal(objective, estimate.diagonal) if split_ggn else None
+    known = estimate.info.get("ggn")
+    split = None
+    if split_ggn:
+        split = split_diagonal(objective, estimate.diagonal, known_ggn=None if known is None
+                               else (known, str(estimate.info.get("method", chosen.name))))
     context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
     seconds = time.perf_counter() - start
     return Result.from_estimate(

@@ -63,8 +63,17 @@ def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[Para
         return objective.ggn_diagonal(), "func"
 
 
-def split_diagonal(objective: Objective, diagonal: ParamDict, method: GGNMethod = "auto") -> GGNSplit:
-    """Split a Hessian diagonal of ``objective`` into its exact GGN part and the residual."""
-    ggn, used = ggn_diagonal(objective, method)
+def split_diagonal(
+    objective: Objective,
+    diagonal: ParamDict,
+    method: GGNMethod = "auto",
+    known_ggn: tuple[ParamDict, str] | None = None,
+) -> GGNSplit:
+    """Split a Hessian diagonal of ``objective`` into its exact GGN part and the residual.
+
+    ``known_ggn``: ``(diag G, how)`` when the estimator already computed it exactly (the
+    analytic MLP path does), so it is not computed a second time.
+    """
+    ggn, used = known_ggn if known_ggn is not None else ggn_diagonal(objective, method)
     residual = {name: diagonal[name] - ggn[name].to(diagonal[name].dtype) for name in diagonal}
     return GGNSplit(ggn={name: ggn[name] for name in diagonal}, residual=residual, method=used)
