@@ -59,13 +59,8 @@ def max_relative_error(estimate: dict[str, Tensor], reference: dict[str, Tensor]
     return float((a - b).abs().max() / b.abs().max())
 
 
-def reference_ggn(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
-    """Full P×P generalized Gauss–Newton matrix Jᵀ Λ J of the mean loss, float64.
-
-    J: Jacobian of all N×C outputs w.r.t. θ; Λ: Hessian of the mean loss w.r.t. those
-    outputs (block diagonal), both from ``torch.autograd.functional``.
-    """
-    f, theta0, names, shapes = full_data_loss(model, loss, x, y)
+def outputs_of_flat_parameters(model: nn.Module, x: Tensor, names, shapes):
+    """θ_flat ↦ all N×C model outputs on x, float64, eval mode."""
     net = copy.deepcopy(model).double().eval()
     sizes = [s.numel() for s in shapes]
     xd = x.double()
@@ -73,6 +68,18 @@ def reference_ggn(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
     def outputs(theta: Tensor) -> Tensor:
         params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
         return functional_call(net, params, (xd,))
+
+    return outputs
+
+
+def reference_ggn(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
+    """Full P×P generalized Gauss–Newton matrix Jᵀ Λ J of the mean loss, float64.
+
+    J: Jacobian of all N×C outputs w.r.t. θ; Λ: Hessian of the mean loss w.r.t. those
+    outputs (block diagonal), both from ``torch.autograd.functional``.
+    """
+    _, theta0, names, shapes = full_data_loss(model, loss, x, y)
+    outputs = outputs_of_flat_parameters(model, x, names, shapes)
 
     out = outputs(theta0).detach()
 
@@ -104,13 +111,7 @@ def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Ten
     ``reference_ggn + reference_residual == reference_hessian`` is itself a check.
     """
     _, theta0, names, shapes = full_data_loss(model, loss, x, y)
-    net = copy.deepcopy(model).double().eval()
-    sizes = [s.numel() for s in shapes]
-    xd = x.double()
-
-    def outputs(theta: Tensor) -> Tensor:
-        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return functional_call(net, params, (xd,))
+    outputs = outputs_of_flat_parameters(model, x, names, shapes)
 
     out = outputs(theta0).detach().requires_grad_(True)
     if loss == "ce":
