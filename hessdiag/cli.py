@@ -84,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("measure", help="measure diag H of a checkpoint")
-    m.add_argument("checkpoint", metavar="CKPT", help="native checkpoint or state dict (.pt)")
-    m.add_argument("--model", metavar="MODULE:ATTR", help="model class or factory for a state dict")
+    m.add_argument("checkpoint", metavar="CKPT",
+                   help="native checkpoint, state dict (.pt/.pth/.ckpt) or .safetensors file")
+    m.add_argument("--model", metavar="MODULE:ATTR",
+                   help="class or factory building the network: package.module:Attr or path/to/file.py:Attr")
     m.add_argument("--model-kwargs", type=_json_object, metavar="JSON", help="keyword arguments for --model")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling arbitrary objects (a whole pickled model); runs code from the file")
     _add_measurement_options(m)
 
     psi = sub.add_parser("psi", help="ψ_max = sup φ'' of activations")
@@ -102,7 +106,8 @@ def _measure(args: argparse.Namespace) -> int:
     from .api import measure
     from .io import atomic_write_text, load_checkpoint, load_data
 
-    model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs)
+    model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
+                                  trust=args.trust_checkpoint)
     spec = args.data or meta.get("data") or "digits"
     loss = args.loss or meta.get("loss") or "ce"
     data = load_data(spec, split=args.split, max_examples=args.max_examples)
