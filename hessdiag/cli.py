@@ -58,8 +58,10 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import ESTIMATORS
     from .objective import LOSSES
 
-    p.add_argument("--data", help="data spec: digits | tensors:PATH (default: the checkpoint's, else digits)")
-    p.add_argument("--split", default="train", choices=("train", "test", "all"), help="data split (default: train)")
+    p.add_argument("--data", metavar="SPEC",
+                   help="digits | tensors:PATH | npz:PATH | cifar10:DIR | cifar100:DIR "
+                        "(default: the checkpoint's, else digits)")
+    p.add_argument("--split", default="train", choices=("train", "test", "all"), help="split of digits/CIFAR; file specs hold one split (default: train)")
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
