@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator
 from .objective import Objective
+from .progress import Progress, ProgressBatches
 from .result import Result
+from .validation import check_device, validate_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -46,6 +48,7 @@ def measure(
     max_params: int | None = None,
     force: bool = False,
     checkpoint: str | None = None,
+    progress: Progress | None = None,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
 
@@ -62,12 +65,22 @@ def measure(
         chunk_size: probes per vectorized HVP; bounds peak memory.
         max_params, force: parameter budget of exact estimators.
         checkpoint: a label recorded in the result document.
+        progress: called with the number of examples of each batch processed (over all
+            data passes), e.g. a tqdm bar's ``update``.
+
+    Raises:
+        HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
+            Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
     """
     options = EstimatorOptions(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed,
                                max_params=max_params, force=force)
     chosen = get_estimator(estimator, options)
+    check_device(device)
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
                           batch_size=batch_size, chunk_size=chunk_size)
+    validate_objective(objective)
+    if progress is not None:
+        objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
     start = time.perf_counter()
     estimate = chosen.estimate(objective)
     seconds = time.perf_counter() - start

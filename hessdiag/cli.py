@@ -76,7 +76,7 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
     p.add_argument("--json", metavar="PATH", help="write the result document (SPEC §5) atomically")
     p.add_argument("--plot", metavar="PATH", help="write a per-layer bar chart (png/svg/pdf)")
-    p.add_argument("--quiet", action="store_true", help="print only the total")
+    p.add_argument("--quiet", action="store_true", help="print only the total; no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,24 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _measure(args: argparse.Namespace) -> int:
     from .api import measure
-    from .io import atomic_write_text, load_checkpoint, load_data
+    from .io import load_checkpoint, load_data
+    from .output import check_outputs, write_json, write_plot
+    from .progress import progress_bar
 
+    check_outputs(args.json, args.plot)  # before any work: a bad path wastes no run
     model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
                                   trust=args.trust_checkpoint)
     spec = args.data or meta.get("data") or "digits"
     loss = args.loss or meta.get("loss") or "ce"
     data = load_data(spec, split=args.split, max_examples=args.max_examples)
-    result = measure(
-        model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
-        max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
-        batch_size=args.batch_size, max_params=args.max_params, force=args.force,
-        checkpoint=str(args.checkpoint),
-    )
+    with progress_bar(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        result = measure(
+            model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
+            max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
+            batch_size=args.batch_size, max_params=args.max_params, force=args.force,
+            checkpoint=str(args.checkpoint), progress=progress,
+        )
     print(f"{result.normalized_norm:.6g}" if args.quiet else result.table())
     if args.json:
-        atomic_write_text(args.json, result.to_json() + "\n")
+        write_json(result, args.json)
     if args.plot:
-        result.plot(args.plot)
+        write_plot(result, args.plot)
     return EXIT_OK
 
 
