@@ -77,6 +77,9 @@ def _check_targets(loss: str, y: Tensor, output: Tensor, batch: int) -> None:
             )
         return
     # integer (or bool) class labels
+    if y.dtype != torch.int64:
+        raise InputError(f"{where}integer class labels must be int64 (torch.long), got {y.dtype}; "
+                         "convert them with y.long()")
     if classes is None:
         raise InputError(
             f"{where}integer labels need a model output of shape (batch, classes); "

@@ -119,3 +119,9 @@ def test_progress_callback_counts_every_processed_example(tiny_classification):
     big = nn.Sequential(nn.Linear(6, 30), nn.Tanh(), nn.Linear(30, 3))  # 303 parameters: 3 blocks
     hessdiag.measure(big, tiny_classification, batch_size=8, progress=seen.append)
     assert seen == [8, 8, 4] * 3
+
+
+def test_labels_must_be_int64(tiny_classification):
+    x, y = tiny_classification
+    with pytest.raises(InputError, match="must be int64.*got torch.int32.*y.long()"):
+        validate_inputs(_model(), (x, y.int()), "ce")

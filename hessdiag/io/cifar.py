@@ -59,8 +59,12 @@ def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     return allowed
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles builtin containers and NumPy arrays only; any other global is refused."""
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickles builtin containers and NumPy arrays only; any other global is refused.
+
+    Built on the pure-Python unpickler, whose memo is a dict: the C one grows an array to
+    the largest memo index a file names, so a 10-byte file can ask for gigabytes.
+    """
 
     _allowed = _numpy_globals()
 
@@ -104,7 +108,7 @@ def _batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
         targets = np.asarray(labels, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise CifarError(f"{path}: data must be uint8 rows of 3072 pixels ({err})") from None
     if len(images) != len(targets):
         raise CifarError(f"{path}: {len(images)} images but {len(targets)} labels")

@@ -74,8 +74,8 @@ def _checked_pair(x: object, y: object, source: str) -> tuple[Tensor, Tensor]:
             raise DataSpecError(f"{source}: {name} is a scalar, not a batch of examples")
     if x.shape[0] != y.shape[0]:
         raise DataSpecError(f"{source}: x has {x.shape[0]} examples but y has {y.shape[0]}")
-    if y.dtype == torch.bool:
-        y = y.long()
+    if not (y.is_floating_point() or y.dtype == torch.int64):
+        y = y.long()  # class labels: every loss wants int64, whatever integer type was saved
     return x, y
 
 

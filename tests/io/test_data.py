@@ -190,3 +190,31 @@ def test_missing_cifar_folder(tmp_path):
         load_data(f"cifar10:{tmp_path}")
     with pytest.raises(DataSpecError, match="holds no train"):
         load_data(f"cifar100:{tmp_path}")
+
+
+def test_cifar_unpickler_does_not_allocate_for_huge_memo_indices(tmp_path):
+    """A 10-byte pickle naming memo index 2³²−16 makes the C unpickler allocate ~64 GB.
+
+    Run in a child process with a 1.5 GB address-space cap, so a regression shows as a
+    failure (MemoryError), not as the test machine running out of memory.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(b"\x80\x02}r\xf0\xff\xff\xff.")  # {} stored at memo[2**32-16]
+    script = textwrap.dedent(f"""
+        import resource
+        from hessdiag.io import DataSpecError, load_data
+        resource.setrlimit(resource.RLIMIT_AS, (1536 * 2**20, resource.RLIM_INFINITY))
+        try:
+            load_data("cifar10:{tmp_path}", split="test")
+        except DataSpecError as err:
+            print("refused:", err)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "refused:" in done.stdout and "lacks the keys data and labels" in done.stdout
