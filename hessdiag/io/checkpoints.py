@@ -107,7 +107,11 @@ def _read_torch(path: Path, trust: bool) -> Any:
             ) from None
         detail = _WEIGHTS_DETAIL.search(text)
         reason = detail.group(1).strip() if detail else _first_line(err)
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason[:200]}") from None
+        hint = ""
+        if trust and isinstance(err, (AttributeError, ImportError)):
+            # A pickled model needs its class importable under the name it was saved with.
+            hint = " (the pickled model's class must be importable; or save its state_dict and pass --model)"
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason[:200]}{hint}") from None
 
 
 def _read(path: Path, trust: bool) -> Any:

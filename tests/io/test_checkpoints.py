@@ -226,3 +226,29 @@ def test_native_checkpoint_cannot_name_arbitrary_callables(tmp_path, factory):
     save_checkpoint(path, _reference_model(), factory, {"argv": ["psi", "gelu"]})
     with pytest.raises(CheckpointError, match="outside hessdiag.models.*could run code"):
         load_checkpoint(path)
+
+
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    # Simulated: the tests may run as root, who can read a chmod-000 file.
+    import os
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, _reference_model(), MODEL, KWARGS)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
+    with pytest.raises(CheckpointError, match="not readable"):
+        load_checkpoint(path)
+
+
+def test_trusted_pickle_of_a_class_that_cannot_be_imported(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    # A model class from a module that is gone by load time (e.g. a training script).
+    module = types.ModuleType("hessdiag_vanished_module")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    net_class = type("Net", (torch.nn.Linear,), {"__module__": module.__name__})
+    module.Net = net_class
+    torch.save(net_class(2, 2), tmp_path / "whole.pt")
+    monkeypatch.delitem(sys.modules, module.__name__)
+    with pytest.raises(CheckpointError, match="hessdiag_vanished_module.*class must be importable"):
+        load_checkpoint(tmp_path / "whole.pt", trust=True)
