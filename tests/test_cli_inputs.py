@@ -290,3 +290,20 @@ def test_progress_bar_only_on_a_terminal_and_not_quiet(native, monkeypatch, caps
     assert run(["measure", native, *FEW, *(["--quiet"] if quiet else [])]) == 0
     written = terminal.text + capsys.readouterr().err
     assert ("examples processed" in written) == shown
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_json_write_failure_leaves_the_old_file_and_no_temporary(native, tmp_path, monkeypatch, capsys, failing):
+    import os
+
+    out = tmp_path / "result.json"
+    out.write_text('{"old": true}\n')
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, broken)
+    err = one_line_error(capsys, run(["measure", native, *FEW, "--json", out]))
+    assert "cannot write --json" in err and "No space left on device" in err
+    assert out.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native.pt", "result.json"]
