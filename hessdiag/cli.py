@@ -61,7 +61,8 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="SPEC",
                    help="digits | tensors:PATH | npz:PATH | cifar10:DIR | cifar100:DIR "
                         "(default: the checkpoint's, else digits)")
-    p.add_argument("--split", default="train", choices=("train", "test", "all"), help="split of digits/CIFAR; file specs hold one split (default: train)")
+    p.add_argument("--split", default="train", choices=("train", "test", "all"),
+                   help="split of digits/CIFAR; file specs hold one split (default: train)")
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
@@ -116,7 +117,8 @@ def _measure(args: argparse.Namespace) -> int:
     spec = args.data or meta.get("data") or "digits"
     loss = args.loss or meta.get("loss") or "ce"
     data = load_data(spec, split=args.split, max_examples=args.max_examples)
-    with progress_bar(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+    terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    with progress_bar(enabled=terminal and not args.quiet) as progress:
         result = measure(
             model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
