@@ -172,12 +172,13 @@ def _candidates(state: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
 
 
 def _match_keys(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The candidate whose keys are exactly the model's; else the closest one (for errors)."""
+    """The candidate whose keys are exactly the model's; else, for the error message, the one
+    sharing the most keys with the model (the keys as saved on ties: max keeps the first)."""
     candidates = _candidates(state)
     for cand in candidates:
         if cand.keys() == expected.keys():
             return cand
-    return max(candidates, key=lambda c: (len(c.keys() & expected.keys()), -len(c)))
+    return max(candidates, key=lambda c: len(c.keys() & expected.keys()))
 
 
 def _names(keys: list[str]) -> str:
