@@ -40,22 +40,46 @@ class CifarError(DataSpecError):
     """A CIFAR folder that is missing, incomplete or not in the pickle-batch format."""
 
 
+class _NdarrayToken:
+    """Stands in for ``numpy.ndarray`` in a pickle: an instance, not a type, so the only
+    use a file can make of it is as :func:`_reconstruct`'s first argument (NEWOBJ fails)."""
+
+
+_NDARRAY = _NdarrayToken()
+MAX_SCALAR_BYTES = 64
+
+
 def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
-    """The few callables a pickled ndarray needs, under numpy 1.x and 2.x module names."""
+    """The few callables a pickled ndarray needs, under numpy 1.x and 2.x module names.
+
+    They are wrapped so a file cannot make them allocate memory it does not hold: NumPy
+    pickles an array as ``_reconstruct(ndarray, (0,), dtype)`` (empty) and then fills it
+    through ``__setstate__``, which checks that the raw bytes match the shape.
+    """
     try:
         from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray  # type: ignore[no-redef]
     import _codecs
 
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _NDARRAY or tuple(shape) != (0,):
+            raise pickle.UnpicklingError("refusing an array not pickled the way NumPy pickles arrays")
+        return multiarray._reconstruct(np.ndarray, (0,), dtype)
+
+    def scalar(dtype: Any, *args: Any) -> Any:
+        if not isinstance(dtype, np.dtype) or dtype.itemsize > MAX_SCALAR_BYTES:
+            raise pickle.UnpicklingError("refusing a NumPy scalar of an unusual dtype")
+        return multiarray.scalar(dtype, *args)
+
     allowed: dict[tuple[str, str], Callable[..., Any]] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _NDARRAY,  # type: ignore[dict-item]
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _codecs.encode,  # bytes written by Python 3 at protocol 2
     }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = multiarray._reconstruct
-        allowed[(module, "scalar")] = multiarray.scalar
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
     return allowed
 
 

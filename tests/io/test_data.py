@@ -221,3 +221,39 @@ def test_cifar_unpickler_does_not_allocate_for_huge_memo_indices(tmp_path):
                           cwd=str(__import__("pathlib").Path(__file__).parents[2]))
     assert done.returncode == 0, done.stderr[-500:]
     assert "refused:" in done.stdout and "lacks the keys data and labels" in done.stdout
+
+
+class _HugeArray:
+    """Unpickles as numpy's _reconstruct(ndarray, (10¹², ), 'b'): 1 TB from a tiny file."""
+
+    def __reduce__(self):
+        from numpy._core import multiarray
+
+        return (multiarray._reconstruct, (np.ndarray, (10**12,), b"b"))
+
+
+def _newobj_array_pickle():
+    """{"data": ndarray.__new__(ndarray, (10¹²,)), "labels": []} written opcode by opcode
+    (pickle.dumps will not emit NEWOBJ for a class other than the object's own)."""
+    size = pickle.encode_long(10**12)
+    key = lambda text: b"X" + len(text).to_bytes(4, "little") + text.encode()  # noqa: E731
+    return (b"\x80\x02}(" + key("data") + b"cnumpy\nndarray\n" + b"\x8a" + bytes([len(size)]) + size
+            + b"\x85\x85\x81" + key("labels") + b"]u.")
+
+
+@pytest.mark.parametrize("payload", [lambda: pickle.dumps({b"data": _HugeArray(), b"labels": [0]}, protocol=2),
+                                     _newobj_array_pickle], ids=["reconstruct", "newobj"])
+def test_cifar_pickle_cannot_ask_for_huge_arrays(tmp_path, payload):
+    folder = fake_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(payload())
+    with pytest.raises(DataSpecError, match="cannot read CIFAR batch.*(refusing|not a type|NEWOBJ|__new__)"):
+        load_data(f"cifar10:{tmp_path}", split="test")
+
+
+def test_cifar_numpy_scalars_and_object_free_arrays_still_load(tmp_path):
+    folder = fake_cifar10(tmp_path)
+    rows = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    labels = [np.int64(3), np.int64(4)]  # numpy scalars pickle through multiarray.scalar
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": rows, b"labels": labels}, protocol=2))
+    x, y = load_data(f"cifar10:{tmp_path}", split="test")
+    assert y.tolist() == [3, 4] and x.shape == (2, 3, 32, 32)
