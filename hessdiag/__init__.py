@@ -22,6 +22,7 @@ from .errors import HessdiagError  # noqa: E402
 from .estimators import ESTIMATORS, EstimatorOptions, get_estimator  # noqa: E402
 from .objective import Objective  # noqa: E402
 from .result import LayerResult, Result, normalized_norm  # noqa: E402
+from .validation import validate_inputs  # noqa: E402
 
 __all__ = [
     "ESTIMATORS",
@@ -38,4 +39,5 @@ __all__ = [
     "measure",
     "normalized_norm",
     "psi_max",
+    "validate_inputs",
 ]

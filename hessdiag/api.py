@@ -13,7 +13,9 @@ from .estimators import EstimatorOptions, get_estimator
 from .extras import compute_extras, parse_extras
 from .ggn import split_diagonal
 from .objective import Objective
+from .progress import Progress, ProgressBatches
 from .result import Result
+from .validation import check_device, validate_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -51,6 +53,7 @@ def measure(
     checkpoint: str | None = None,
     split_ggn: bool = False,
     extras: str | Iterable[str] | None = None,
+    progress: Progress | None = None,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
 
@@ -75,13 +78,23 @@ def measure(
             ``"trace"`` (Hutchinson trace, ``trace:K`` probes, default 100) and
             ``"top-eig"`` (top eigenvalue(s), ``top-eig:K``), as a comma-separated string
             or a sequence; reported in ``Result.extras`` (:mod:`hessdiag.extras`).
+        progress: called with the number of examples of each batch processed (over all
+            data passes), e.g. a tqdm bar's ``update``.
+
+    Raises:
+        HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
+            Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
     """
     options = EstimatorOptions(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed,
                                max_params=max_params, force=force)
     chosen = get_estimator(estimator, options)
+    check_device(device)
     parse_extras(extras)  # reject a bad request before any work
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
                           batch_size=batch_size, chunk_size=chunk_size)
+    validate_objective(objective)
+    if progress is not None:
+        objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
     start = time.perf_counter()
     estimate = chosen.estimate(objective)
     for name, block in estimate.diagonal.items():

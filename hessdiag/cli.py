@@ -68,8 +68,11 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import ESTIMATORS
     from .objective import LOSSES
 
-    p.add_argument("--data", help="data spec: digits | tensors:PATH (default: the checkpoint's, else digits)")
-    p.add_argument("--split", default="train", choices=("train", "test", "all"), help="data split (default: train)")
+    p.add_argument("--data", metavar="SPEC",
+                   help="digits | tensors:PATH | npz:PATH | cifar10:DIR | cifar100:DIR "
+                        "(default: the checkpoint's, else digits)")
+    p.add_argument("--split", default="train", choices=("train", "test", "all"),
+                   help="split of digits/CIFAR; file specs hold one split (default: train)")
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
@@ -88,7 +91,7 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
     p.add_argument("--json", metavar="PATH", help="write the result document (SPEC §5) atomically")
     p.add_argument("--plot", metavar="PATH", help="write a per-layer bar chart (png/svg/pdf)")
-    p.add_argument("--quiet", action="store_true", help="print only the total")
+    p.add_argument("--quiet", action="store_true", help="print only the total; no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("measure", help="measure diag H of a checkpoint")
-    m.add_argument("checkpoint", metavar="CKPT", help="native checkpoint or state dict (.pt)")
-    m.add_argument("--model", metavar="MODULE:ATTR", help="model class or factory for a state dict")
+    m.add_argument("checkpoint", metavar="CKPT",
+                   help="native checkpoint, state dict (.pt/.pth/.ckpt) or .safetensors file")
+    m.add_argument("--model", metavar="MODULE:ATTR",
+                   help="class or factory building the network: package.module:Attr or path/to/file.py:Attr")
     m.add_argument("--model-kwargs", type=_json_object, metavar="JSON", help="keyword arguments for --model")
+    m.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow unpickling arbitrary objects (a whole pickled model); runs code from the file")
     _add_measurement_options(m)
 
     psi = sub.add_parser("psi", help="ψ_max = sup φ'' of activations")
@@ -128,24 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _measure(args: argparse.Namespace) -> int:
     from .api import measure
-    from .io import atomic_write_text, load_checkpoint, load_data
+    from .io import load_checkpoint, load_data
+    from .output import check_outputs, write_json, write_plot
+    from .progress import progress_bar
 
-    model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs)
+    check_outputs(args.json, args.plot)  # before any work: a bad path wastes no run
+    model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
+                                  trust=args.trust_checkpoint)
     spec = args.data or meta.get("data") or "digits"
     loss = args.loss or meta.get("loss") or "ce"
     data = load_data(spec, split=args.split, max_examples=args.max_examples)
-    result = measure(
-        model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
-        max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
-        batch_size=args.batch_size, max_params=args.max_params, force=args.force,
-        checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
-        extras=args.extras,
-    )
+    terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    with progress_bar(enabled=terminal and not args.quiet) as progress:
+        result = measure(
+            model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
+            max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
+            batch_size=args.batch_size, max_params=args.max_params, force=args.force,
+            checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
+            extras=args.extras, progress=progress,
+        )
     print(f"{result.normalized_norm:.6g}" if args.quiet else result.table())
     if args.json:
-        atomic_write_text(args.json, result.to_json() + "\n")
+        write_json(result, args.json)
     if args.plot:
-        result.plot(args.plot)
+        write_plot(result, args.plot)
     return EXIT_OK
 
 
