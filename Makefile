@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing and installs the project into it. torch and
+# Each creates .venv when missing and installs the project into it (with the test and
+# pyhessian extras, so the PyHessian context metrics are tested too). torch and
 # torchvision are pinned to the releases this machine serves from local disk, so pip
 # never reaches for a newer (multi-GB) build.
 PYTHON ?= python3
@@ -18,7 +19,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) $(QUIET_PIP)
-	$(PY) -m pip install -q -e '.[test]' $(TORCH_PINS) $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[test,pyhessian]' $(TORCH_PINS) $(QUIET_PIP)
 	$(PY) -c "import hessdiag, torch; print('hessdiag', hessdiag.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 
