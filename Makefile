@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test test-all check venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) $(QUIET_PIP)
 	$(PY) -m pip install -q -e '.[test,pyhessian]' $(TORCH_PINS) $(QUIET_PIP)
