@@ -318,6 +318,27 @@ class Objective:
 
         return vmap(single)(chunk)
 
+    def residual_vp(self, vectors: ParamDict, chunk_size: int | None = None) -> ParamDict:
+        """(H − G)·V in one fused product per probe, same conventions as :meth:`hvp`.
+
+        The residual is the Hessian of θ ↦ (1/N) Σₙ rₙᵀ f(xₙ; θ) with rₙ = ∇_f ℓₙ held
+        fixed (MATH.md §4.2), so each probe costs one forward-over-reverse product of a
+        linear-in-outputs function — the price of one HVP, not of an HVP plus a GGN-VP.
+        """
+        return self._accumulate(vectors, self._batch_residual_vp, chunk_size)
+
+    def _batch_residual_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        with torch.no_grad():
+            output = self.forward(self.params, x)
+        # ∇_f of the batch-mean loss: one per batch, shared by all probes of the chunk.
+        weights = grad(lambda o: batch_mean_loss(self.loss, o, y))(output).detach()
+        gradient = grad(lambda p: (self.forward(p, x) * weights).sum())
+
+        def single(v: ParamDict) -> ParamDict:
+            return jvp(gradient, (self.params,), (v,))[1]
+
+        return vmap(single)(chunk)
+
     def ggn_diagonal(self, examples_per_chunk: int = 64) -> ParamDict:
         """Exact diag(G) = (1/N) Σₙ Σ_ρ (Jₙᵀ q_{n,ρ})², q_{n,ρ} the columns of Qₙ.
 

@@ -31,6 +31,10 @@ def test_hvp_and_ggn_vp_equal_dense_references(name, model, shape, loss):
     diag = obj.ggn_diagonal(examples_per_chunk=3)
     assert max_relative_error(diag, split_like(ggn.diagonal(), model)) < 1e-10
     assert bool((flat(diag) >= 0).all())
+    # The fused residual product is (H − G)·V, the same rounding argument.
+    rv = obj.flatten(obj.residual_vp(obj.unflatten(v)))
+    ref = v @ (h - ggn)
+    assert float((rv - ref).abs().max() / ref.abs().max()) < 1e-10
 
 
 def test_empty_data_and_bad_loss_are_user_errors():

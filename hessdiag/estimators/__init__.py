@@ -10,8 +10,22 @@ from .base import (
     NormStatistics,
 )
 from .exact import ExactEstimator
+from .ggn_cv import GGNHutchinsonEstimator
+from .hutchinson import PlainHutchinsonEstimator
+from .lowrank import LowRankHutchinsonEstimator
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (ExactEstimator,)}
+
+class HutchinsonEstimator(PlainHutchinsonEstimator):
+    """``hutchinson``: the default stochastic estimator (see docs/index.md, "Estimators")."""
+
+    name = "hutchinson"
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls
+    for cls in (ExactEstimator, HutchinsonEstimator, PlainHutchinsonEstimator,
+                LowRankHutchinsonEstimator, GGNHutchinsonEstimator)
+}
 
 
 def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimator:
@@ -32,6 +46,10 @@ __all__ = [
     "EstimatorError",
     "EstimatorOptions",
     "ExactEstimator",
+    "GGNHutchinsonEstimator",
+    "HutchinsonEstimator",
+    "LowRankHutchinsonEstimator",
+    "PlainHutchinsonEstimator",
     "NormStatistics",
     "get_estimator",
 ]

@@ -1,0 +1,63 @@
+"""Gauss–Newton control variate: d = diag(G) exactly plus a Hutchinson estimate of diag(H − G).
+
+H = G + R, where G = (1/N) Σₙ Jₙᵀ Λₙ Jₙ is the generalized Gauss–Newton matrix and R the
+residual carrying the activations' second derivatives weighted by the loss gradient
+(MATH.md §4.2). diag(G) is computed exactly (:meth:`Objective.ggn_diagonal`, C VJPs
+per example), and diag(R) by Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
+product (:meth:`Objective.residual_vp`) costing one HVP. With g = diag G exact,
+
+    ‖d‖² = ‖g‖² + 2 gᵀr + ‖r‖²,   estimated by ‖g‖² + 2 gᵀ r̄ + U(r₁, …, r_N),
+
+unbiased, with the jackknife interval of :mod:`hessdiag.stats`. The probe variance now
+scales with ‖R‖_F² instead of ‖H‖_F²: on trained networks, whose dominant curvature is
+the low-rank Gauss–Newton part, that is orders of magnitude less.
+
+Cost: ``hvps`` counts the residual products only; the exact GGN diagonal is reported in
+``info`` as ``ggn_diagonal_seconds`` and, measured against this run's own per-probe
+time, as ``ggn_diagonal_hvp_equivalents``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from ..objective import Objective
+from .base import DiagonalEstimate, EstimatorError
+from .hutchinson import FlatProduct, ProbeEstimator, flat_product
+
+
+class GGNHutchinsonEstimator(ProbeEstimator):
+    """``hutchinson-ggn``: exact diag(GGN) + Hutchinson on the residual H − GGN."""
+
+    name = "hutchinson-ggn"
+
+    def prepare(
+        self, objective: Objective, generator: torch.Generator, budget: int
+    ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
+        start = time.perf_counter()
+        try:
+            ggn = objective.ggn_diagonal()
+        except (RuntimeError, NotImplementedError) as err:
+            raise EstimatorError(
+                f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
+                f"({str(err).splitlines()[0][:100]}); use hutchinson-plain"
+            ) from None
+        seconds = time.perf_counter() - start
+        base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
+        info: dict[str, object] = {
+            "ggn_diagonal_seconds": seconds,
+            "ggn_normalized_norm": math.sqrt(float(base.double().pow(2).sum()) / base.numel()),
+        }
+        return base, flat_product(objective, "residual_vp"), 0, info
+
+    def estimate(self, objective: Objective) -> DiagonalEstimate:
+        result = super().estimate(objective)
+        info = result.info
+        info["ggn_diagonal_hvp_equivalents"] = (
+            info["ggn_diagonal_seconds"] / info["seconds_per_probe"]  # type: ignore[operator]
+        )
+        return result
