@@ -45,12 +45,15 @@ def rademacher(generator: torch.Generator, num: int, size: int, dtype: torch.dty
 
 
 def flat_product(objective: Objective, method: str = "hvp") -> FlatProduct:
-    """Wrap ``objective.hvp`` (or ``residual_vp``/``ggn_vp``) to act on flat [k, P] stacks."""
+    """Wrap ``objective.hvp`` (or ``residual_vp``/``ggn_vp``) to act on flat [k, P] stacks.
+
+    One data pass per call; inside it the probes go through the vmapped product in chunks
+    of the objective's ``chunk_size``, which bounds the activation memory.
+    """
     apply = getattr(objective, method)
 
     def product(probes: Tensor) -> Tensor:
-        vectors = objective.unflatten(probes)
-        return objective.flatten(apply(vectors, chunk_size=probes.shape[0]))
+        return objective.flatten(apply(objective.unflatten(probes)))
 
     return product
 
