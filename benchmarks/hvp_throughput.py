@@ -12,7 +12,7 @@ of the same size, same model, same dtype, in one run with the methods interleave
 Cases: the digits MLP (64-48-48-10 tanh, 1797 examples), a small CNN on digits, and a
 CIFAR-style ResNet-18 (width 64, 11.2 M parameters, SiLU, BatchNorm in eval mode) on a
 fixed batch of 32×32 inputs (``--resnet-inputs``, default 16, to finish in minutes on
-2 cores). Reported: seconds per probe and the ratio of each anchor to ours/k.
+2 cores; ``--resnet-activation tanh`` gives curvlinops a model it can differentiate). Reported: seconds per probe and the ratio of each anchor to ours/k.
 
 Run: PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE python benchmarks/hvp_throughput.py
 """
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--cases", default="mlp,cnn,resnet", help="comma list of mlp, cnn, resnet")
+    parser.add_argument("--resnet-activation", default="silu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -126,20 +127,24 @@ def main(argv=None) -> int:
           f"{args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     batches = [(x.to(args.device), y.to(args.device))
                for x, y in digits_batches(dtype, args.batch_size)]
+    cases = set(args.cases.split(","))
     torch.manual_seed(0)
-    run_case("digits MLP 64-48-48-10 tanh", mlp(64, (48, 48), 10, "tanh").to(args.device, dtype),
-             batches, args.probes, args.rounds, args.device)
+    if "mlp" in cases:
+        run_case("digits MLP 64-48-48-10 tanh", mlp(64, (48, 48), 10, "tanh").to(args.device, dtype),
+                 batches, args.probes, args.rounds, args.device)
     torch.manual_seed(0)
-    run_case("small CNN (8, 16 channels, tanh) on digits",
-             cnn(1, 8, (8, 16), 10, "tanh").to(args.device, dtype),
-             batches, args.probes, args.rounds, args.device)
-    if not args.skip_resnet:
+    if "cnn" in cases:
+        run_case("small CNN (8, 16 channels, tanh) on digits",
+                 cnn(1, 8, (8, 16), 10, "tanh").to(args.device, dtype),
+                 batches, args.probes, args.rounds, args.device)
+    if "resnet" in cases:
         torch.manual_seed(0)
-        model = resnet18_cifar(10, "silu").to(args.device, dtype)
+        act = args.resnet_activation
+        model = resnet18_cifar(10, act).to(args.device, dtype)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(args.resnet_inputs, 3, 32, 32, generator=gen).to(args.device, dtype)
         y = torch.randint(0, 10, (args.resnet_inputs,), generator=gen).to(args.device)
-        run_case(f"ResNet-18 (CIFAR, width 64, SiLU, BN eval) on {args.resnet_inputs} 32×32 inputs",
+        run_case(f"ResNet-18 (CIFAR, width 64, {act}, BN eval) on {args.resnet_inputs} 32×32 inputs",
                  model, [(x, y)], args.resnet_probes, args.resnet_rounds, args.device)
     return 0
 

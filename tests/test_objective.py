@@ -43,3 +43,20 @@ def test_empty_data_and_bad_loss_are_user_errors():
         Objective(model, (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(ObjectiveError, match="unknown loss"):
         Objective(model, (torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)), loss="hinge")
+
+
+def test_both_hvp_paths_agree_and_one_is_chosen():
+    torch.manual_seed(0)
+    model = mlp(in_features=6, hidden=(5, 4), num_classes=3, activation="silu")
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
+    v = torch.randn(4, 74, generator=g, dtype=torch.float64)  # P = 35 + 24 + 15
+    results = {}
+    for path in (None, "func", "autograd"):
+        obj = Objective(model, (x, y), "ce", dtype=torch.float64, batch_size=8)
+        obj.hvp_path = path
+        results[path] = obj.flatten(obj.hvp(obj.unflatten(v)))
+        assert obj.hvp_path in ("func", "autograd")  # the first call chose when None
+    # Same product by two routes in float64: rounding only.
+    assert torch.allclose(results["func"], results["autograd"], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(results[None], results["func"], rtol=1e-12, atol=1e-15)
