@@ -3,8 +3,9 @@
 Each method computes H·v over ALL the data of the case (not one cached batch), batches
 of the same size, same model, same dtype, in one run with the methods interleaved
 (``--rounds`` rounds, medians reported) and thread count pinned:
-  ours/k        hessdiag ``Objective.hvp`` on k probes at once (vmapped forward-over-
-                reverse, one data pass); ``ours/1`` is a single probe
+  ours/k        hessdiag ``Objective.hvp`` on k probes at once (one data pass; vmapped
+                forward-over-reverse or shared-graph double backward, whichever its
+                first call measured faster); ``ours/1`` is a single probe
   pyhessian     PyHessian 0.1 ``hessian(..., dataloader=..., cuda=False)
                 .dataloader_hv_product(v)`` (double backward, one probe per data pass)
   cl-matvec     curvlinops 3.0.1 ``HessianLinearOperator @ v`` (one vector)
@@ -60,11 +61,11 @@ def methods(model: nn.Module, batches, probes: int, device: str):
         "cl-matvec": (lambda: cl @ flat[0], 1),
         f"cl-matmat/{probes}": (lambda: cl @ flat.T.contiguous(), probes),
     }
-    return out, num
+    return out, num, objective
 
 
 def run_case(name: str, model: nn.Module, batches, probes: int, rounds: int, device: str) -> None:
-    table, num = methods(model, batches, probes, device)
+    table, num, objective = methods(model, batches, probes, device)
     times: dict[str, list[float]] = {k: [] for k in table}
     failed: dict[str, str] = {}
     for r in range(rounds + 1):  # round 0 warms up (compilation of vmapped kernels, caches)
@@ -87,6 +88,7 @@ def run_case(name: str, model: nn.Module, batches, probes: int, rounds: int, dev
     n_ex = sum(int(x.shape[0]) for x, _ in batches)
     print(f"\n### {name}: P = {num:,}, {n_ex} examples in {len(batches)} batches, "
           f"{next(model.parameters()).dtype}, {device}")
+    print(f"\n(ours: HVP path chosen by the first call's timing: {objective.hvp_path})")
     print("\n| method | ms per probe (median) | anchor / ours |")
     print("|---|---|---|")
     ours = statistics.median(times[f"ours/{probes}"])
