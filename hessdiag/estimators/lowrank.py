@@ -30,7 +30,7 @@ from .hutchinson import FlatProduct, ProbeEstimator, flat_product
 SKETCH_FRACTION = 4
 """Sketch rank k = budget // SKETCH_FRACTION (capped by MAX_RANK): half of the HVPs go
 to the sketch, the rest to probes. Chosen by benchmarks/accuracy.py on the digits MLP,
-where k = budget/4 beat k = budget/8 at every budget (docs/benchmarks.md)."""
+where k = budget/4 beat k = budget/8 at every budget up to 128 (docs/benchmarks.md)."""
 MAX_RANK = 32
 """Caps the sketch's memory at 2·32·P numbers (2.9 GB for ResNet-18 in float32)."""
 
