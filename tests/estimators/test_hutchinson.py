@@ -183,3 +183,28 @@ def test_tiny_resnet_with_batchnorm_matches_exact():
         lo, hi = res.ci95
         assert lo <= exact <= hi, estimator
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_options_flow_through(tmp_path, capsys):
+    import json
+
+    from hessdiag.cli import main
+    from hessdiag.io import save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"in_features": 64, "hidden": [6], "num_classes": 10, "activation": "mish"}
+    ckpt = tmp_path / "small.pt"
+    save_checkpoint(ckpt, mlp(**kwargs), "hessdiag.models:mlp", kwargs, {"data": "digits", "loss": "ce"})
+    out = tmp_path / "fixed.json"
+    assert main(["measure", str(ckpt), "--max-examples", "40", "--estimator", "hutchinson",
+                 "--samples", "24", "--seed", "3", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["estimator"] == "hutchinson" and doc["hvps"] == 24 and doc["seed"] == 3
+    assert doc["ci95"][0] <= doc["normalized_norm"] <= doc["ci95"][1]
+    assert doc["naive_normalized_norm"] is not None
+    adaptive = tmp_path / "adaptive.json"
+    assert main(["measure", str(ckpt), "--max-examples", "40", "--estimator", "hutchinson-plain",
+                 "--rtol", "0.001", "--max-samples", "40", "--json", str(adaptive)]) == 0
+    assert json.loads(adaptive.read_text())["hvps"] == 40  # rtol unreachable: the cap stops it
+    assert main(["measure", str(ckpt), "--estimator", "hutchinson", "--samples", "4"]) == 2
+    assert "raise --samples" in capsys.readouterr().err
