@@ -54,7 +54,7 @@ class GGNHutchinsonEstimator(ProbeEstimator):
         except (RuntimeError, NotImplementedError) as err:
             raise EstimatorError(
                 f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
-                f"({str(err).splitlines()[0][:100]}); use hutchinson-plain"
+                f"({str(err).splitlines()[0][:100]}); use hutchinson"
             ) from None
         seconds = time.perf_counter() - start
         base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
@@ -62,7 +62,18 @@ class GGNHutchinsonEstimator(ProbeEstimator):
             "ggn_diagonal_seconds": seconds,
             "ggn_normalized_norm": math.sqrt(float(base.double().pow(2).sum()) / base.numel()),
         }
-        return base, flat_product(objective, "residual_vp"), 0, info
+        residual = flat_product(objective, "residual_vp")
+
+        def product(probes: Tensor) -> Tensor:
+            try:
+                return residual(probes)
+            except (RuntimeError, NotImplementedError) as err:  # no double-backward route here
+                raise EstimatorError(
+                    f"{self.name}: the fused residual product needs torch.func forward-mode AD "
+                    f"({str(err).splitlines()[0][:100]}); use hutchinson"
+                ) from None
+
+        return base, product, 0, info
 
     def estimate(self, objective: Objective) -> DiagonalEstimate:
         result = super().estimate(objective)

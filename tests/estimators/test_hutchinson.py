@@ -208,3 +208,22 @@ def test_cli_options_flow_through(tmp_path, capsys):
     assert json.loads(adaptive.read_text())["hvps"] == 40  # rtol unreachable: the cap stops it
     assert main(["measure", str(ckpt), "--estimator", "hutchinson", "--samples", "4"]) == 2
     assert "raise --samples" in capsys.readouterr().err
+
+
+def test_models_without_forward_mode_ad(tiny_classification, monkeypatch):
+    # hutchinson falls back to double backward (warning once); hutchinson-ggn, whose fused
+    # residual product has no such route, stops with a one-line user error.
+    from hessdiag.objective import Objective
+
+    def broken(self, *args):
+        raise NotImplementedError("no forward-mode AD in this test")
+
+    monkeypatch.setattr(Objective, "_func_hvp", broken)
+    monkeypatch.setattr(Objective, "_batch_residual_vp", broken)
+    model = tiny_mlp()
+    x, y = tiny_classification
+    with pytest.warns(RuntimeWarning, match="falling back to double backward"):
+        res = hessdiag.measure(model, (x, y), "ce", "hutchinson", samples=256, dtype="float64")
+    assert res.normalized_norm == pytest.approx(norm(reference_diagonal(model, "ce", x, y)), rel=0.1)
+    with pytest.raises(EstimatorError, match="use hutchinson"):
+        hessdiag.measure(model, (x, y), "ce", "hutchinson-ggn", samples=16)
