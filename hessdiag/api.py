@@ -104,7 +104,8 @@ def measure(
     split = None
     if split_ggn:
         split = split_diagonal(objective, estimate.diagonal, known_ggn=None if known is None
-                               else (known, str(estimate.info.get("method", chosen.name))))
+                               else (known, str(estimate.info.get("ggn_method",
+                                                             estimate.info.get("method", chosen.name)))))
     context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
     seconds = time.perf_counter() - start
     return Result.from_estimate(

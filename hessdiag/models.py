@@ -1,6 +1,6 @@
 """Model zoo: small networks whose activation is a parameter.
 
-Every factory returns an ``nn.Sequential`` (so BackPACK can traverse it) and takes the
+Every factory except :func:`resnet18_cifar` returns an ``nn.Sequential`` (so BackPACK can traverse it) and takes the
 activation as a registry spec (``"tanh"``, ``"rct:n=1,alpha=14"``, ...). Factories are
 referred to in native checkpoints as ``"hessdiag.models:NAME"``.
 """
@@ -48,4 +48,66 @@ def cnn(
     return nn.Sequential(*layers)
 
 
-FACTORIES = {"mlp": mlp, "cnn": cnn}
+class BasicBlock(nn.Module):
+    """Two 3×3 conv–BN layers with an identity (or 1×1 conv–BN) shortcut, φ after the sum."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, activation: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = get_activation(activation)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        self.act2 = get_activation(activation)
+
+    def forward(self, x):  # noqa: D102 - the standard residual block
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNetCIFAR(nn.Module):
+    """CIFAR-style ResNet: 3×3 stem (no max-pool), four stages of BasicBlocks, global pool."""
+
+    def __init__(self, blocks: Sequence[int], num_classes: int, activation: str, width: int,
+                 in_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act = get_activation(activation)
+        stages, planes = [], width
+        for i, count in enumerate(blocks):
+            out = width * 2**i
+            layers = []
+            for j in range(count):
+                layers.append(BasicBlock(planes, out, 2 if (i > 0 and j == 0) else 1, activation))
+                planes = out
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(planes, num_classes)
+
+    def forward(self, x):  # noqa: D102
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(self.pool(out).flatten(1))
+
+
+def resnet18_cifar(
+    num_classes: int = 10, activation: str = "silu", width: int = 64, in_channels: int = 3
+) -> nn.Module:
+    """ResNet-18 for 32×32 inputs (He et al. 2016, CIFAR variant): 11.2 M parameters at width 64.
+
+    ``width`` scales every stage (64 → 64/128/256/512 channels); tests use a tiny one. Not
+    an ``nn.Sequential``: BackPACK needs its graph converter for it; torch.func
+    estimators (``exact``, ``hutchinson*``) take it as is, BatchNorm in eval mode.
+    """
+    return ResNetCIFAR((2, 2, 2, 2), num_classes, activation, width, in_channels)
+
+
+FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet18_cifar": resnet18_cifar}

@@ -31,6 +31,10 @@ def test_hvp_and_ggn_vp_equal_dense_references(name, model, shape, loss):
     diag = obj.ggn_diagonal(examples_per_chunk=3)
     assert max_relative_error(diag, split_like(ggn.diagonal(), model)) < 1e-10
     assert bool((flat(diag) >= 0).all())
+    # The fused residual product is (H − G)·V, the same rounding argument.
+    rv = obj.flatten(obj.residual_vp(obj.unflatten(v)))
+    ref = v @ (h - ggn)
+    assert float((rv - ref).abs().max() / ref.abs().max()) < 1e-10
 
 
 def test_empty_data_and_bad_loss_are_user_errors():
@@ -39,3 +43,20 @@ def test_empty_data_and_bad_loss_are_user_errors():
         Objective(model, (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(ObjectiveError, match="unknown loss"):
         Objective(model, (torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)), loss="hinge")
+
+
+def test_both_hvp_paths_agree_and_one_is_chosen():
+    torch.manual_seed(0)
+    model = mlp(in_features=6, hidden=(5, 4), num_classes=3, activation="silu")
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
+    v = torch.randn(4, 74, generator=g, dtype=torch.float64)  # P = 35 + 24 + 15
+    results = {}
+    for path in (None, "func", "autograd"):
+        obj = Objective(model, (x, y), "ce", dtype=torch.float64, batch_size=8)
+        obj.hvp_path = path
+        results[path] = obj.flatten(obj.hvp(obj.unflatten(v)))
+        assert obj.hvp_path in ("func", "autograd")  # the first call chose when None
+    # Same product by two routes in float64: rounding only.
+    assert torch.allclose(results["func"], results["autograd"], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(results[None], results["func"], rtol=1e-12, atol=1e-15)

@@ -11,8 +11,19 @@ from .base import (
 )
 from .backpack import BackpackEstimator
 from .exact import ExactEstimator
+from .ggn_cv import GGNHutchinsonEstimator
+from .hutchinson import PlainHutchinsonEstimator
+from .lowrank import LowRankHutchinsonEstimator
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (ExactEstimator, BackpackEstimator)}
+HutchinsonEstimator = LowRankHutchinsonEstimator
+"""``hutchinson``: the default stochastic estimator, chosen by benchmarks/accuracy.py."""
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls
+    for cls in (ExactEstimator, BackpackEstimator, HutchinsonEstimator,
+                PlainHutchinsonEstimator, GGNHutchinsonEstimator)
+}
 
 
 def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimator:
@@ -34,6 +45,10 @@ __all__ = [
     "EstimatorError",
     "EstimatorOptions",
     "ExactEstimator",
+    "GGNHutchinsonEstimator",
+    "HutchinsonEstimator",
+    "LowRankHutchinsonEstimator",
+    "PlainHutchinsonEstimator",
     "NormStatistics",
     "get_estimator",
 ]

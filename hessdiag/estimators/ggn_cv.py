@@ -1,0 +1,86 @@
+"""Gauss–Newton control variate: d = diag(G) exactly plus a Hutchinson estimate of diag(H − G).
+
+H = G + R, where G = (1/N) Σₙ Jₙᵀ Λₙ Jₙ is the generalized Gauss–Newton matrix and R the
+residual carrying the activations' second derivatives weighted by the loss gradient
+(MATH.md §4.2). diag(G) is computed exactly (:meth:`Objective.ggn_diagonal`, C VJPs
+per example), and diag(R) by Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
+product (:meth:`Objective.residual_vp`) costing one HVP. With g = diag G exact,
+
+    ‖d‖² = ‖g‖² + 2 gᵀr + ‖r‖²,   estimated by ‖g‖² + 2 gᵀ r̄ + U(r₁, …, r_N),
+
+unbiased, with the jackknife interval of :mod:`hessdiag.stats`. The probe variance now
+scales with ‖R‖_F² instead of ‖H‖_F²: on trained networks, whose dominant curvature is
+the low-rank Gauss–Newton part, that is orders of magnitude less.
+
+Cost: ``hvps`` counts the residual products only; the exact GGN diagonal is reported in
+``info`` as ``ggn_diagonal_seconds`` and, measured against this run's own per-probe
+time, as ``ggn_diagonal_hvp_equivalents``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from ..objective import Objective
+from .base import DiagonalEstimate, EstimatorError
+from .hutchinson import FlatProduct, ProbeEstimator, flat_product
+
+
+GGN_MEMORY_NUMBERS = 10_000_000
+"""The exact GGN diagonal holds examples × C × P numbers at once; keep examples·P near
+this (64 examples for the digits MLP, 1 for ResNet-18), so memory stays bounded."""
+
+
+def ggn_examples_per_chunk(objective: Objective) -> int:
+    """Examples vmapped together in the exact GGN diagonal (memory ≈ that × C × P)."""
+    return max(1, min(64, GGN_MEMORY_NUMBERS // objective.num_params))
+
+
+class GGNHutchinsonEstimator(ProbeEstimator):
+    """``hutchinson-ggn``: exact diag(GGN) + Hutchinson on the residual H − GGN."""
+
+    name = "hutchinson-ggn"
+
+    def prepare(
+        self, objective: Objective, generator: torch.Generator, budget: int
+    ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
+        start = time.perf_counter()
+        try:
+            ggn = objective.ggn_diagonal(examples_per_chunk=ggn_examples_per_chunk(objective))
+        except (RuntimeError, NotImplementedError) as err:
+            raise EstimatorError(
+                f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
+                f"({str(err).splitlines()[0][:100]}); use hutchinson"
+            ) from None
+        seconds = time.perf_counter() - start
+        base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
+        info: dict[str, object] = {
+            "ggn": ggn,  # reused by split_ggn=True instead of computing it again
+            "ggn_method": "func",
+            "ggn_diagonal_seconds": seconds,
+            "ggn_normalized_norm": math.sqrt(float(base.double().pow(2).sum()) / base.numel()),
+        }
+        residual = flat_product(objective, "residual_vp")
+
+        def product(probes: Tensor) -> Tensor:
+            try:
+                return residual(probes)
+            except (RuntimeError, NotImplementedError) as err:  # no double-backward route here
+                raise EstimatorError(
+                    f"{self.name}: the fused residual product needs torch.func forward-mode AD "
+                    f"({str(err).splitlines()[0][:100]}); use hutchinson"
+                ) from None
+
+        return base, product, 0, info
+
+    def estimate(self, objective: Objective) -> DiagonalEstimate:
+        result = super().estimate(objective)
+        info = result.info
+        info["ggn_diagonal_hvp_equivalents"] = (
+            info["ggn_diagonal_seconds"] / info["seconds_per_probe"]  # type: ignore[operator]
+        )
+        return result

@@ -1,0 +1,160 @@
+"""Hutchinson's stochastic diagonal with an unbiased norm and a jackknife interval (SPEC §2).
+
+For Rademacher probes z (entries ±1, E z zᵀ = I), d̂ = z ⊙ (H z) is unbiased for
+d = diag H: E[zᵢ (Hz)ᵢ] = Σⱼ Hᵢⱼ E[zᵢzⱼ] = Hᵢᵢ. H z is accumulated over all measured
+data for the same z (:meth:`~hessdiag.objective.Objective.hvp`), and probes are
+processed ``chunk_size`` at a time (one data pass per chunk, vmapped over the chunk).
+
+The control-variate estimators share this module's probe loop: they split
+d = b + diag(R) with b known exactly and R = H − A for a surrogate A whose products are
+cheap, and estimate diag(R) by zᵢ ⊙ (R zᵢ). The norm ‖d‖² and its interval come from
+:class:`hessdiag.stats.ProbeStatistics` (U-statistic plus delete-a-group jackknife).
+
+Probes are drawn one at a time from a seeded ``torch.Generator`` on the CPU, so a run is
+reproducible and independent of the chunk and batch sizes. Peak memory: the statistics'
+(G + 1)·P numbers (G = 16 jackknife groups) plus one chunk of probes and products
+(2·chunk·P) plus the activations of ``chunk × batch`` examples inside a vmapped HVP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..objective import Objective
+from ..stats import ProbeStatistics, half_width_on_norm
+from .base import DiagonalEstimate, Estimator, EstimatorError
+
+MIN_ADAPTIVE_SAMPLES = 32
+"""Adaptive stopping looks at the interval only from this many probes on: with fewer,
+the jackknife's own variance makes an early stop on a lucky draw too likely."""
+
+FlatProduct = Callable[[Tensor], Tensor]
+"""Maps a probe stack [k, P] to a product stack [k, P] (e.g. H·z for each row z)."""
+
+
+def rademacher(generator: torch.Generator, num: int, size: int, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> Tensor:
+    """``num`` Rademacher rows of length ``size``, drawn one row at a time (chunk-independent)."""
+    rows = [torch.randint(0, 2, (size,), generator=generator, dtype=torch.int8)
+            for _ in range(num)]
+    return (torch.stack(rows).to(dtype) * 2 - 1).to(device)
+
+
+def flat_product(objective: Objective, method: str = "hvp") -> FlatProduct:
+    """Wrap ``objective.hvp`` (or ``residual_vp``/``ggn_vp``) to act on flat [k, P] stacks.
+
+    One data pass per call; inside it the probes go through the vmapped product in chunks
+    of the objective's ``chunk_size``, which bounds the activation memory.
+    """
+    apply = getattr(objective, method)
+
+    def product(probes: Tensor) -> Tensor:
+        return objective.flatten(apply(objective.unflatten(probes)))
+
+    return product
+
+
+def run_probes(
+    estimates: FlatProduct,
+    stats: ProbeStatistics,
+    draw: Callable[[int], Tensor],
+    *,
+    samples: int | None,
+    rtol: float,
+    max_samples: int,
+    chunk_size: int,
+) -> int:
+    """Draw probes in chunks and add their estimates rᵢ to ``stats``; returns the probe count.
+
+    ``samples`` fixes the count; otherwise probes are added until the 95 % interval's
+    half-width on the norm scale is ≤ ``rtol`` of the estimate (checked after each chunk,
+    from :data:`MIN_ADAPTIVE_SAMPLES` on) or ``max_samples`` is reached.
+    """
+    target = samples if samples is not None else max_samples
+    while stats.count < target:
+        take = min(chunk_size, target - stats.count)
+        if samples is None and stats.count < MIN_ADAPTIVE_SAMPLES:
+            take = min(max(take, MIN_ADAPTIVE_SAMPLES - stats.count), target - stats.count)
+        stats.add(estimates(draw(take)))
+        if samples is None and stats.count >= MIN_ADAPTIVE_SAMPLES:
+            if half_width_on_norm(stats.statistics()["total"]) <= rtol:
+                break
+    return stats.count
+
+
+class ProbeEstimator(Estimator):
+    """Shared shell: budget checks, seeding, the probe loop and the result.
+
+    Subclasses implement :meth:`prepare`, which may spend HVPs on a surrogate and returns
+    (exact part b as flat [P] or ``None``, probe product, HVPs spent, info).
+    """
+
+    exact = False
+    min_samples = 3
+
+    def prepare(
+        self, objective: Objective, generator: torch.Generator, budget: int
+    ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
+        """Return (b, product z ↦ R z on flat stacks, HVPs spent, info)."""
+        return None, flat_product(objective, "hvp"), 0, {}
+
+    def sketch_budget(self, budget: int) -> int:
+        """HVPs a subclass spends before probing, out of a total budget (default: none)."""
+        return 0
+
+    def estimate(self, objective: Objective) -> DiagonalEstimate:
+        opts = self.options
+        budget = opts.samples if opts.samples is not None else opts.max_samples
+        spent_before = self.sketch_budget(budget)
+        if budget - spent_before < self.min_samples:
+            raise EstimatorError(
+                f"{self.name}: {budget} HVPs leave fewer than {self.min_samples} probes "
+                f"after a sketch of {spent_before}; raise --samples/--max-samples"
+            )
+        if opts.samples is None and not 0 < opts.rtol < 1:
+            raise EstimatorError(f"rtol must lie in (0, 1), got {opts.rtol}")
+        generator = torch.Generator().manual_seed(opts.seed)
+        start = time.perf_counter()
+        base, product, spent, info = self.prepare(objective, generator, budget)
+        sizes = list(objective.numels.items())
+        stats = ProbeStatistics(sizes, base, device=objective.device)
+        num = objective.num_params
+
+        def draw(k: int) -> Tensor:
+            return rademacher(generator, k, num, objective.dtype, objective.device)
+
+        def estimates(probes: Tensor) -> Tensor:
+            return probes * product(probes)
+
+        probe_start = time.perf_counter()
+        count = run_probes(
+            estimates, stats, draw,
+            samples=None if opts.samples is None else opts.samples - spent,
+            rtol=opts.rtol, max_samples=opts.max_samples - spent,
+            chunk_size=objective.chunk_size,
+        )
+        info["seconds_per_probe"] = (time.perf_counter() - probe_start) / count
+        info["seconds"] = time.perf_counter() - start
+        info["jackknife_groups"] = stats.groups
+        statistics = stats.statistics()
+        info["relative_half_width"] = half_width_on_norm(statistics["total"])
+        if base is not None:  # norm of the stochastic part d − b alone (unbiased, clipped at 0)
+            info["residual_normalized_norm"] = (max(stats.residual_sq_norm(), 0.0) / num) ** 0.5
+        diagonal = objective.unflatten(stats.mean().to(objective.dtype).unsqueeze(0))
+        return DiagonalEstimate(
+            diagonal={k: v[0] for k, v in diagonal.items()},
+            hvps=spent + count,
+            samples=count,
+            norm_statistics=statistics,
+            info=info,
+        )
+
+
+class PlainHutchinsonEstimator(ProbeEstimator):
+    """``hutchinson-plain``: d̂ = mean zᵢ ⊙ H zᵢ; U-statistic norm with a jackknife interval."""
+
+    name = "hutchinson-plain"
