@@ -8,16 +8,12 @@ import torch
 import hessdiag
 from hessdiag.cli import main
 from hessdiag.extras import ExtrasError, parse_extras
-from hessdiag.models import mlp
 
+from .models import tiny_mlp
 from .reference import reference_hessian
 
 pytest.importorskip("pyhessian")
 
-
-def tiny_mlp(activation: str = "tanh"):
-    torch.manual_seed(1)
-    return mlp(in_features=6, hidden=(5, 4), num_classes=3, activation=activation)
 
 
 @pytest.mark.parametrize(("activation", "loss"), [("tanh", "ce"), ("rct:n=1,alpha=4", "mse")])

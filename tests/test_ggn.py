@@ -7,9 +7,10 @@ from torch import nn
 import hessdiag
 from hessdiag.backpack_ext import BackpackUnsupportedError
 from hessdiag.ggn import ggn_diagonal, split_diagonal
-from hessdiag.models import cnn, mlp
+from hessdiag.models import cnn
 from hessdiag.objective import Objective
 
+from .models import tiny_mlp, image_data
 from .reference import (
     max_relative_error,
     reference_ggn,
@@ -23,10 +24,6 @@ from .reference import (
 # missing factor (e.g. a 2/C in the MSE loss Hessian) or a GGN leaking into the residual.
 SPLIT_RTOL = 1e-9
 
-
-def tiny_mlp(activation: str) -> nn.Module:
-    torch.manual_seed(1)
-    return mlp(in_features=6, hidden=(5, 4), num_classes=3, activation=activation)
 
 
 class Block(nn.Module):
@@ -58,16 +55,12 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.block(self.act(self.stem(x)))), 1))
 
 
-def image_data(n: int = 10, size: int = 4):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 1, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
-
 
 def tiny_resnet(act: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     model = TinyResNet(act)
     model.train()
-    model(image_data()[0] * 2 + 1)  # move the BatchNorm running statistics off their defaults
+    model(image_data(size=4)[0] * 2 + 1)  # move the BatchNorm running statistics off their defaults
     return model.eval()
 
 
@@ -107,7 +100,7 @@ def test_split_parts_match_references_on_mlp(activation, estimator, loss, tiny_c
 def test_backpack_and_func_ggn_agree_on_cnn(loss):
     torch.manual_seed(2)
     model = cnn(in_channels=1, image_size=4, channels=(2, 2), num_classes=3, activation="gelu")
-    x, y = image_data()
+    x, y = image_data(size=4)
     objective = Objective(model, (x, y), loss, dtype=torch.float64, batch_size=4)
     backpack, used = ggn_diagonal(objective, "backpack")
     func, _ = ggn_diagonal(objective, "func")
@@ -120,7 +113,7 @@ def test_backpack_and_func_ggn_agree_on_cnn(loss):
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_resnet_with_batchnorm_goes_through_the_converter(loss):
     model = tiny_resnet(hessdiag.RCTAF(1, 3.0))
-    x, y = image_data()
+    x, y = image_data(size=4)
     res = hessdiag.measure(model, (x, y), loss, "exact", dtype="float64", batch_size=4,
                            split_ggn=True)
     # Not "func": the converter ran without leaving non-module nodes (those are errors).

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hessdiag.cli import main
-from hessdiag.io import save_checkpoint
 from hessdiag.models import mlp
 
 KWARGS = {"in_features": 64, "hidden": [3], "num_classes": 10, "activation": "tanh"}

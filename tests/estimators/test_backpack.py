@@ -7,8 +7,8 @@ from torch import nn
 import hessdiag
 from hessdiag.backpack_ext import BackpackUnsupportedError
 from hessdiag.estimators import EstimatorError
-from hessdiag.models import cnn, mlp
 
+from ..models import tiny_mlp, tiny_cnn, image_data
 from ..reference import max_relative_error, reference_diagonal
 
 # BackPACK (factorized curvature backpropagated through module extensions) and the exact
@@ -21,19 +21,7 @@ ACTIVATIONS = ["rct:n=0,alpha=28", "rct:n=1,alpha=14", "rct:n=2,alpha=7", "silu"
                "softplus", "mish", "tanh"]
 
 
-def tiny_mlp(activation: str) -> nn.Module:
-    torch.manual_seed(1)
-    return mlp(in_features=6, hidden=(5, 4), num_classes=3, activation=activation)
 
-
-def tiny_cnn(activation: str) -> nn.Module:
-    torch.manual_seed(2)
-    return cnn(in_channels=1, image_size=5, channels=(2, 3), num_classes=3, activation=activation)
-
-
-def image_data(n: int = 10):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 1, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])

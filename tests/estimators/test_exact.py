@@ -6,9 +6,9 @@ from torch import nn
 
 import hessdiag
 from hessdiag.estimators import EstimatorError, ExactEstimator
-from hessdiag.models import cnn, mlp
 from hessdiag.objective import Objective
 
+from ..models import tiny_mlp, tiny_cnn, image_data
 from ..reference import max_relative_error, reference_diagonal
 
 # Both sides are float64 computations of the same quantity by different routes
@@ -17,19 +17,7 @@ from ..reference import max_relative_error, reference_diagonal
 EXACT_RTOL = 1e-10
 
 
-def tiny_mlp(activation: str = "tanh") -> nn.Module:
-    torch.manual_seed(1)
-    return mlp(in_features=6, hidden=(5, 4), num_classes=3, activation=activation)
 
-
-def tiny_cnn(activation: str = "tanh") -> nn.Module:
-    torch.manual_seed(2)
-    return cnn(in_channels=1, image_size=5, channels=(2, 3), num_classes=3, activation=activation)
-
-
-def image_data(n: int = 12):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(n, 1, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])

@@ -10,6 +10,7 @@ import hessdiag
 from hessdiag.estimators import ESTIMATORS, EstimatorError
 from hessdiag.models import mlp, resnet18_cifar
 
+from ..models import tiny_mlp
 from ..reference import flat, max_relative_error, reference_diagonal
 
 STOCHASTIC = ["hutchinson", "hutchinson-plain", "hutchinson-ggn"]  # hutchinson = low-rank
@@ -27,10 +28,6 @@ class SeparableNet(nn.Module):
     def forward(self, x):
         return torch.tanh(torch.cat([x[:, :3] * self.w1, x[:, 3:] * self.w2.reshape(-1)], 1))
 
-
-def tiny_mlp(activation="tanh"):
-    torch.manual_seed(1)
-    return mlp(in_features=6, hidden=(5, 4), num_classes=3, activation=activation)
 
 
 def norm(diag):
