@@ -105,7 +105,9 @@ def measure(
         ggn_start = time.perf_counter()
         known = ggn_diagonal(objective)
         ggn_seconds = time.perf_counter() - ggn_start
-    estimate = chosen.estimate(objective, known_ggn=None if known is None else known[0])
+    # Only passed when there is one: estimators written against estimate(objective) still run.
+    estimate = (chosen.estimate(objective) if known is None
+                else chosen.estimate(objective, known_ggn=known[0]))
     for name, block in estimate.diagonal.items():
         if not bool(torch.isfinite(block).all()):
             raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
