@@ -6,7 +6,10 @@ By the chain rule, for L(θ) = (1/N) Σₙ ℓ(f(xₙ; θ), yₙ),
           └── GGN G (PSD) ──┘    └──── residual: where φ'' enters ────┘
 
 so d = d_GGN + d_res with d_GGN = diag G ≥ 0. d_GGN is computed exactly; d_res = d − d_GGN
-from whatever estimator produced d (for a stochastic d, d_res inherits its noise).
+from whatever estimator produced d. For a stochastic d the entries of d_res carry the
+probe noise (unbiased entrywise); its *norm* is not taken from them but from the
+estimator's ``residual_statistics`` (unbiased, with an interval, same probes), for which
+:func:`hessdiag.measure` hands d_GGN to the estimator before probing.
 
 :func:`ggn_diagonal` dispatches the exact diag G:
 

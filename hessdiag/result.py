@@ -3,7 +3,8 @@
 For a diagonal d ∈ R^P the reported number is the normalized norm ‖d‖₂/√P, the
 root-mean-square of the diagonal; per parameter tensor ("layer") ‖d_block‖₂/√P_block.
 Stochastic estimators supply unbiased squared norms with intervals; exact ones report a
-zero-width interval ``[x, x]``.
+zero-width interval ``[x, x]``. The same holds for the residual d_res = d − d_GGN of the
+GGN split (``residual_ci95``); d_GGN itself is always exact.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class LayerResult:
     ci95: tuple[float, float]
     ggn_normalized_norm: float | None = None
     residual_normalized_norm: float | None = None
+    residual_ci95: tuple[float, float] | None = None
+
+
+def _exact_statistics(diagonal: dict[str, Tensor]) -> dict[str, NormStatistics]:
+    """Squared norms per block and ``"total"`` of a known diagonal, zero-width intervals."""
+    sq = {name: float(d.double().pow(2).sum()) for name, d in diagonal.items()}
+    sq["total"] = sum(sq.values())
+    return {k: NormStatistics(v, (v, v)) for k, v in sq.items()}
 
 
 @dataclass
@@ -69,6 +78,7 @@ class Result:
     naive_normalized_norm: float | None = None
     ggn_normalized_norm: float | None = None
     residual_normalized_norm: float | None = None
+    residual_ci95: tuple[float, float] | None = None
     checkpoint: str | None = None
     ggn_method: str | None = None
     extras: dict[str, Any] | None = None
@@ -94,16 +104,18 @@ class Result:
         """Assemble totals and per-layer norms from an estimator's output.
 
         With ``split`` (d = d_GGN + d_res, :func:`hessdiag.ggn.split_diagonal`) the GGN and
-        residual normalized norms are filled in, in total and per layer. They are the norms
-        of the point estimates: exact for exact estimators; for a stochastic d the residual
-        norm includes the estimator's noise (it is not debiased).
+        residual normalized norms are filled in, in total and per layer. d_GGN is exact.
+        The residual's norm and ``residual_ci95`` come from ``estimate.residual_statistics``
+        when the estimator was stochastic (unbiased U-statistic, jackknife interval, same
+        probes); for an exact estimator they are exact with a zero-width interval. A
+        stochastic estimate without residual statistics (it was not given the GGN) falls
+        back to the plug-in norm of d̂ − d_GGN, biased upward by the probe noise, and
+        ``residual_ci95`` stays ``None``.
         """
         diag = estimate.diagonal
         stats = estimate.norm_statistics
         if stats is None:  # exact: squared norms straight from the diagonal
-            sq = {name: float(d.double().pow(2).sum()) for name, d in diag.items()}
-            sq["total"] = sum(sq.values())
-            stats = {k: NormStatistics(v, (v, v)) for k, v in sq.items()}
+            stats = _exact_statistics(diag)
         sizes = {name: d.numel() for name, d in diag.items()}
         total_p = sum(sizes.values())
 
@@ -115,10 +127,24 @@ class Result:
                         interval(stats[name], sizes[name]))
             for name in diag
         ]
+        residual_stats = estimate.residual_statistics
+        if split is not None and residual_stats is None and estimate.norm_statistics is None:
+            residual_stats = _exact_statistics(split.residual)
         if split is not None:
             for layer in layers:
                 layer.ggn_normalized_norm = normalized_norm(split.ggn[layer.name])
-                layer.residual_normalized_norm = normalized_norm(split.residual[layer.name])
+                if residual_stats is None:  # plug-in, see the docstring
+                    layer.residual_normalized_norm = normalized_norm(split.residual[layer.name])
+                else:
+                    layer.residual_normalized_norm = _rms(residual_stats[layer.name].sq_norm,
+                                                          layer.num_params)
+                    layer.residual_ci95 = interval(residual_stats[layer.name], layer.num_params)
+        residual_norm = residual_ci95 = None
+        if split is not None and residual_stats is None:
+            residual_norm = normalized_norm(split.residual)
+        elif split is not None:
+            residual_norm = _rms(residual_stats["total"].sq_norm, total_p)
+            residual_ci95 = interval(residual_stats["total"], total_p)
         total = stats["total"]
         naive = None if total.naive_sq_norm is None else _rms(total.naive_sq_norm, total_p)
         return cls(
@@ -139,7 +165,8 @@ class Result:
             checkpoint=checkpoint,
             diagonal=diag,
             ggn_normalized_norm=None if split is None else normalized_norm(split.ggn),
-            residual_normalized_norm=None if split is None else normalized_norm(split.residual),
+            residual_normalized_norm=residual_norm,
+            residual_ci95=residual_ci95,
             ggn_method=None if split is None else split.method,
             ggn_diagonal=None if split is None else split.ggn,
             residual_diagonal=None if split is None else split.residual,
@@ -168,6 +195,7 @@ class Result:
             "seed": self.seed,
             "ggn_normalized_norm": self.ggn_normalized_norm,
             "residual_normalized_norm": self.residual_normalized_norm,
+            "residual_ci95": None if self.residual_ci95 is None else list(self.residual_ci95),
             "ggn_method": self.ggn_method,
             "extras": self.extras,
             "per_layer": [],
@@ -175,6 +203,8 @@ class Result:
         for layer in self.per_layer:
             entry = asdict(layer)
             entry["ci95"] = list(layer.ci95)
+            if layer.residual_ci95 is not None:
+                entry["residual_ci95"] = list(layer.residual_ci95)
             doc["per_layer"].append(entry)
         return doc
 
@@ -186,17 +216,23 @@ class Result:
 
     def _rows(self) -> list[tuple[str, ...]]:
         split = self.ggn_normalized_norm is not None
+        # The residual's interval gets a column only where it has a width (stochastic).
+        res_ci = split and self.samples is not None and self.residual_ci95 is not None
         head = ("tensor", "params", "‖d‖/√P", "95% interval") + (("GGN", "residual") if split else ())
+        head += ("residual 95%",) if res_ci else ()
         rows = [head]
         entries = [(l.name, l.num_params, l.normalized_norm, l.ci95, l.ggn_normalized_norm,
-                    l.residual_normalized_norm) for l in self.per_layer]
+                    l.residual_normalized_norm, l.residual_ci95) for l in self.per_layer]
         entries.append(("total", self.num_params, self.normalized_norm, self.ci95,
-                        self.ggn_normalized_norm, self.residual_normalized_norm))
-        for name, num, value, ci, ggn, res in entries:
+                        self.ggn_normalized_norm, self.residual_normalized_norm,
+                        self.residual_ci95))
+        for name, num, value, ci, ggn, res, rci in entries:
             row = (name, f"{num:,}", f"{value:.6g}", f"[{ci[0]:.6g}, {ci[1]:.6g}]")
             if split:
                 row += (f"{ggn:.6g}" if ggn is not None else "-",
                         f"{res:.6g}" if res is not None else "-")
+            if res_ci:
+                row += (f"[{rci[0]:.6g}, {rci[1]:.6g}]" if rci is not None else "-",)
             rows.append(row)
         return rows
 

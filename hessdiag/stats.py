@@ -127,15 +127,19 @@ class ProbeStatistics:
 
     # -- statistics ---------------------------------------------------------------------
 
-    def mean(self) -> Tensor:
-        """Point estimate of d: b + S/N, flat [P]."""
-        return self.base + self.group_sums.sum(0) / max(self.count, 1)
+    def mean(self, base: Tensor | None = None) -> Tensor:
+        """Point estimate of d: b + S/N, flat [P] (``base`` replaces b, see :meth:`statistics`)."""
+        base = self.base if base is None else self._as_base(base)
+        return base + self.group_sums.sum(0) / max(self.count, 1)
 
-    def _unbiased(self, sums: _Sums) -> Tensor:
+    def _as_base(self, base: Tensor) -> Tensor:
+        return base.detach().reshape(-1).to(device=self.base.device, dtype=self.base.dtype)
+
+    def _unbiased(self, sums: _Sums, base: Tensor) -> Tensor:
         """Blockwise T of the module docstring for the probes summarized in ``sums``; [B]."""
         n = sums.count
-        base_sq = self._blockwise(self.base.pow(2))
-        cross = self._blockwise(self.base * sums.total) * (2.0 / n)
+        base_sq = self._blockwise(base.pow(2))
+        cross = self._blockwise(base * sums.total) * (2.0 / n)
         pairs = (self._blockwise(sums.total.pow(2)) - sums.sq) / (n * (n - 1))
         return base_sq + cross + pairs
 
@@ -148,20 +152,27 @@ class ProbeStatistics:
             count -= self.group_counts[leave_out]
         return _Sums(total, sq, count)
 
-    def statistics(self) -> dict[str, NormStatistics]:
-        """Per block and ``"total"``: unbiased ‖d‖², 95 % jackknife interval, naive ‖mean‖²."""
+    def statistics(self, base: Tensor | None = None) -> dict[str, NormStatistics]:
+        """Per block and ``"total"``: unbiased ‖d‖², 95 % jackknife interval, naive ‖mean‖².
+
+        ``base``: another exactly known b′ (flat [P]) in place of b, i.e. the statistics
+        of ‖b′ + r‖² from the same probes rᵢ. The GGN split uses b′ = b − diag(GGN): then
+        b′ + r = d − diag(GGN) is the residual diagonal, so its unbiased norm and interval
+        cost no extra HVP and no extra memory.
+        """
         if self.count < 3:
             raise ValueError("norm statistics need at least three probes")
-        full = self._unbiased(self._sums())
+        base = self.base if base is None else self._as_base(base)
+        full = self._unbiased(self._sums(), base)
         used = [g for g in range(self.groups) if self.group_counts[g] > 0]
         # Each leave-one-group-out estimate needs ≥ 2 remaining probes (true for N ≥ 3).
-        loo = torch.stack([self._unbiased(self._sums(g)) for g in used])  # [G', B]
+        loo = torch.stack([self._unbiased(self._sums(g), base) for g in used])  # [G', B]
         loo = torch.cat([loo, loo.sum(1, keepdim=True)], 1)
         full = torch.cat([full, full.sum().reshape(1)])
         num_groups = len(used)
         var = (num_groups - 1) / num_groups * (loo - loo.mean(0)).pow(2).sum(0)
         half = t975(num_groups - 1) * var.sqrt()
-        mean = self.mean()
+        mean = self.mean(base)
         naive = self._blockwise(mean.pow(2))
         naive = torch.cat([naive, naive.sum().reshape(1)])
         out = {}

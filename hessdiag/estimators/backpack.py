@@ -13,6 +13,8 @@ residual additions, custom or non-Sequential modules) are refused, naming the mo
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ..objective import Objective
 from .base import DiagonalEstimate, Estimator
 
@@ -23,7 +25,9 @@ class BackpackEstimator(Estimator):
     name = "backpack"
     exact = True
 
-    def estimate(self, objective: Objective) -> DiagonalEstimate:
+    def estimate(
+        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+    ) -> DiagonalEstimate:
         from ..backpack_ext import backpack_diagonal
 
         diagonal = backpack_diagonal(objective, "hessian")

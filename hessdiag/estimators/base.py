@@ -66,12 +66,16 @@ class DiagonalEstimate:
         samples: probes used by a stochastic estimator (``None`` for exact ones).
         norm_statistics: per block name and ``"total"``; ``None`` for exact estimators,
             whose norms follow from ``diagonal`` with a zero-width interval.
+        residual_statistics: like ``norm_statistics`` for the residual d − diag(GGN),
+            from the same probes; only when a stochastic estimator was given
+            ``known_ggn`` (``None`` otherwise: exact residuals need no statistics).
     """
 
     diagonal: dict[str, Tensor]
     hvps: int
     samples: int | None = None
     norm_statistics: dict[str, NormStatistics] | None = None
+    residual_statistics: dict[str, NormStatistics] | None = None
     info: dict[str, object] = field(default_factory=dict)
 
 
@@ -85,5 +89,13 @@ class Estimator(ABC):
         self.options = options or EstimatorOptions()
 
     @abstractmethod
-    def estimate(self, objective: Objective) -> DiagonalEstimate:
-        """Estimate the Hessian diagonal of ``objective``."""
+    def estimate(
+        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+    ) -> DiagonalEstimate:
+        """Estimate the Hessian diagonal of ``objective``.
+
+        ``known_ggn``: the exact diag(GGN) ``{name: Tensor}``, when the caller has it
+        (``split_ggn=True``). A stochastic estimator then also returns
+        ``residual_statistics`` for d − diag(GGN) from the same probes, and one that needs
+        diag(GGN) itself uses it instead of computing it again. Exact estimators ignore it.
+        """

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import Tensor
 
 from ..analytic import UnsupportedModelError, mlp_decomposition, supported_structure
 from ..objective import Objective, evaluation_mode
@@ -47,7 +48,9 @@ class ExactEstimator(Estimator):
         super().__init__(options)
         self.analytic = analytic
 
-    def estimate(self, objective: Objective) -> DiagonalEstimate:
+    def estimate(
+        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+    ) -> DiagonalEstimate:
         if self.analytic:
             structure = supported_structure(objective.model)
             if structure is not None:

@@ -46,24 +46,25 @@ class GGNHutchinsonEstimator(ProbeEstimator):
     name = "hutchinson-ggn"
 
     def prepare(
-        self, objective: Objective, generator: torch.Generator, budget: int
+        self, objective: Objective, generator: torch.Generator, budget: int,
+        known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
-        start = time.perf_counter()
-        try:
-            ggn = objective.ggn_diagonal(examples_per_chunk=ggn_examples_per_chunk(objective))
-        except (RuntimeError, NotImplementedError) as err:
-            raise EstimatorError(
-                f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
-                f"({str(err).splitlines()[0][:100]}); use hutchinson"
-            ) from None
-        seconds = time.perf_counter() - start
-        base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
-        info: dict[str, object] = {
-            "ggn": ggn,  # reused by split_ggn=True instead of computing it again
-            "ggn_method": "func",
-            "ggn_diagonal_seconds": seconds,
-            "ggn_normalized_norm": math.sqrt(float(base.double().pow(2).sum()) / base.numel()),
-        }
+        info: dict[str, object] = {}
+        if known_ggn is not None:  # split_ggn=True computed it already (hessdiag.ggn)
+            base = known_ggn
+        else:
+            start = time.perf_counter()
+            try:
+                ggn = objective.ggn_diagonal(examples_per_chunk=ggn_examples_per_chunk(objective))
+            except (RuntimeError, NotImplementedError) as err:
+                raise EstimatorError(
+                    f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
+                    f"({str(err).splitlines()[0][:100]}); use hutchinson"
+                ) from None
+            info["ggn_diagonal_seconds"] = time.perf_counter() - start
+            info["ggn_method"] = "func"
+            base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
+        info["ggn_normalized_norm"] = math.sqrt(float(base.double().pow(2).sum()) / base.numel())
         residual = flat_product(objective, "residual_vp")
 
         def product(probes: Tensor) -> Tensor:
@@ -77,10 +78,13 @@ class GGNHutchinsonEstimator(ProbeEstimator):
 
         return base, product, 0, info
 
-    def estimate(self, objective: Objective) -> DiagonalEstimate:
-        result = super().estimate(objective)
+    def estimate(
+        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+    ) -> DiagonalEstimate:
+        result = super().estimate(objective, known_ggn)
         info = result.info
-        info["ggn_diagonal_hvp_equivalents"] = (
-            info["ggn_diagonal_seconds"] / info["seconds_per_probe"]  # type: ignore[operator]
-        )
+        if "ggn_diagonal_seconds" in info:
+            info["ggn_diagonal_hvp_equivalents"] = (
+                info["ggn_diagonal_seconds"] / info["seconds_per_probe"]  # type: ignore[operator]
+            )
         return result

@@ -91,22 +91,34 @@ class ProbeEstimator(Estimator):
 
     Subclasses implement :meth:`prepare`, which may spend HVPs on a surrogate and returns
     (exact part b as flat [P] or ``None``, probe product, HVPs spent, info).
+
+    GGN split. Given ``known_ggn`` = g = diag(GGN), exact, the residual diagonal is
+    d − g = (b − g) + r: the same probe estimates rᵢ with another known base, so
+    :meth:`ProbeStatistics.statistics` with base b − g gives its unbiased squared norm
+    and jackknife interval (``residual_statistics``) at no extra HVP.
     """
 
     exact = False
     min_samples = 3
 
     def prepare(
-        self, objective: Objective, generator: torch.Generator, budget: int
+        self, objective: Objective, generator: torch.Generator, budget: int,
+        known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
-        """Return (b, product z ↦ R z on flat stacks, HVPs spent, info)."""
+        """Return (b, product z ↦ R z on flat stacks, HVPs spent, info).
+
+        ``known_ggn``: exact diag(GGN) as flat [P] when the caller has it (a subclass that
+        needs it uses it instead of computing it); ``None`` otherwise.
+        """
         return None, flat_product(objective, "hvp"), 0, {}
 
     def sketch_budget(self, budget: int) -> int:
         """HVPs a subclass spends before probing, out of a total budget (default: none)."""
         return 0
 
-    def estimate(self, objective: Objective) -> DiagonalEstimate:
+    def estimate(
+        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+    ) -> DiagonalEstimate:
         opts = self.options
         budget = opts.samples if opts.samples is not None else opts.max_samples
         spent_before = self.sketch_budget(budget)
@@ -119,7 +131,9 @@ class ProbeEstimator(Estimator):
             raise EstimatorError(f"rtol must lie in (0, 1), got {opts.rtol}")
         generator = torch.Generator().manual_seed(opts.seed)
         start = time.perf_counter()
-        base, product, spent, info = self.prepare(objective, generator, budget)
+        ggn = None if known_ggn is None else objective.flatten(
+            {k: known_ggn[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
+        base, product, spent, info = self.prepare(objective, generator, budget, ggn)
         sizes = list(objective.numels.items())
         stats = ProbeStatistics(sizes, base, device=objective.device)
         num = objective.num_params
@@ -144,12 +158,17 @@ class ProbeEstimator(Estimator):
         info["relative_half_width"] = half_width_on_norm(statistics["total"])
         if base is not None:  # norm of the stochastic part d − b alone (unbiased, clipped at 0)
             info["residual_normalized_norm"] = (max(stats.residual_sq_norm(), 0.0) / num) ** 0.5
+        residual_statistics = None
+        if ggn is not None:  # d − g = (b − g) + r: same probes, another known base
+            residual_base = -ggn if base is None else base - ggn
+            residual_statistics = stats.statistics(base=residual_base)
         diagonal = objective.unflatten(stats.mean().to(objective.dtype).unsqueeze(0))
         return DiagonalEstimate(
             diagonal={k: v[0] for k, v in diagonal.items()},
             hvps=spent + count,
             samples=count,
             norm_statistics=statistics,
+            residual_statistics=residual_statistics,
             info=info,
         )
 

@@ -76,7 +76,8 @@ class LowRankHutchinsonEstimator(ProbeEstimator):
         return 2 * sketch_rank(budget)
 
     def prepare(
-        self, objective: Objective, generator: torch.Generator, budget: int
+        self, objective: Objective, generator: torch.Generator, budget: int,
+        known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
         rank = sketch_rank(budget)
         hvp = flat_product(objective, "hvp")
