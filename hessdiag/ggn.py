@@ -51,7 +51,7 @@ def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[Para
     if method not in GGN_METHODS:
         raise HessdiagError(f"unknown GGN method {method!r}; choose one of {', '.join(GGN_METHODS)}")
     if method == "func":
-        return objective.ggn_diagonal(), "func"
+        return _func_ggn_diagonal(objective), "func"
     from .backpack_ext import BackpackUnsupportedError, backpack_diagonal, check_traversable
 
     try:
@@ -63,7 +63,19 @@ def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[Para
     except BackpackUnsupportedError:
         if method == "backpack":
             raise
-        return objective.ggn_diagonal(), "func"
+        return _func_ggn_diagonal(objective), "func"
+
+
+def _func_ggn_diagonal(objective: Objective) -> ParamDict:
+    """:meth:`Objective.ggn_diagonal`, with torch.func's refusal turned into a user error."""
+    try:
+        return objective.ggn_diagonal()
+    except (RuntimeError, NotImplementedError) as err:
+        raise HessdiagError(
+            "the exact GGN diagonal needs a model BackPACK can traverse or torch.func can "
+            f"differentiate per example ({str(err).strip().splitlines()[0][:120]}); "
+            "measure without --split-ggn"
+        ) from None
 
 
 def split_diagonal(

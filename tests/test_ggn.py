@@ -171,3 +171,26 @@ def test_result_document_and_table_carry_the_split(tiny_classification):
     assert "GGN" in res.table().splitlines()[0] and "residual" in res.table().splitlines()[0]
     plain = hessdiag.measure(model, tiny_classification, "ce", "backpack", dtype="float64")
     assert plain.to_dict()["ggn_normalized_norm"] is None and plain.ggn_diagonal is None
+
+
+def test_ggn_of_a_model_neither_backpack_nor_torch_func_handles_is_a_one_line_user_error(
+    tiny_classification, monkeypatch
+):
+    from hessdiag.errors import HessdiagError
+    from hessdiag.objective import Objective
+
+    class Opaque(nn.Module):  # not nn.Sequential: BackPACK cannot traverse it directly
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_mlp()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    def refuse(self, examples_per_chunk=64):
+        raise NotImplementedError("vmap over this op is not implemented\nsecond line")
+
+    monkeypatch.setattr(Objective, "ggn_diagonal", refuse)
+    objective = Objective(Opaque(), tiny_classification, dtype=torch.float64)
+    with pytest.raises(HessdiagError, match=r"needs a model BackPACK can traverse.*without --split-ggn"):
+        ggn_diagonal(objective, "func")
