@@ -81,6 +81,7 @@ class Result:
     residual_ci95: tuple[float, float] | None = None
     checkpoint: str | None = None
     ggn_method: str | None = None
+    method: str | None = None
     extras: dict[str, Any] | None = None
     diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -168,6 +169,7 @@ class Result:
             residual_normalized_norm=residual_norm,
             residual_ci95=residual_ci95,
             ggn_method=None if split is None else split.method,
+            method=str(estimate.info["method"]) if "method" in estimate.info else None,
             ggn_diagonal=None if split is None else split.ggn,
             residual_diagonal=None if split is None else split.residual,
             extras=extras,
@@ -181,6 +183,7 @@ class Result:
             "hessdiag_version": __version__,
             "checkpoint": self.checkpoint,
             "estimator": self.estimator,
+            "method": self.method,
             "loss": self.loss,
             "num_params": self.num_params,
             "num_examples": self.num_examples,
@@ -246,7 +249,8 @@ class Result:
             lines.append("  ".join(cells))
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
-        extra = f"estimator={self.estimator}  loss={self.loss}  N={self.num_examples:,}  " \
+        how = f" ({self.method})" if self.method else ""
+        extra = f"estimator={self.estimator}{how}  loss={self.loss}  N={self.num_examples:,}  " \
                 f"dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"

@@ -44,3 +44,10 @@ def test_json_table_html_and_plot(tmp_path):
     for ext in ("png", "svg", "pdf"):
         res.plot(tmp_path / f"p.{ext}")
         assert (tmp_path / f"p.{ext}").stat().st_size > 500
+
+
+def test_method_from_the_estimator_reaches_json_and_table():
+    res = make(DiagonalEstimate(diagonal=DIAG, hvps=0, info={"method": "analytic-mlp"}))
+    assert json.loads(res.to_json())["method"] == "analytic-mlp"
+    assert "estimator=x (analytic-mlp)" in res.table()
+    assert json.loads(make(DiagonalEstimate(diagonal=DIAG, hvps=5)).to_json())["method"] is None
