@@ -43,6 +43,7 @@ ending in ``nn.Linear``. Anything else raises :class:`UnsupportedModelError`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -366,6 +367,27 @@ def _zeros(objective: Objective) -> ParamDict:
     return {k: torch.zeros_like(v) for k, v in objective.params.items()}
 
 
+def _chunk_terms(
+    objective: Objective, structure: MLPStructure, weights: list[Tensor],
+    biases: list[Tensor | None], examples_per_chunk: int,
+) -> Iterator[tuple[Tensor, _Forward, Tensor, Tensor]]:
+    """Per chunk of examples: (x, forward quantities, r = ∇_f ℓ, Q with QQᵀ = ∇²_f ℓ).
+
+    Callers run it under ``torch.no_grad()``: everything here is closed form.
+    """
+    for x, y in _chunks(objective, examples_per_chunk):
+        fwd = _forward(structure, weights, biases, x)
+        r, q = _loss_terms(objective.loss, fwd.output, y)
+        yield x, fwd, r, q
+
+
+def _divide_by_examples(objective: Objective, *diagonals: ParamDict) -> None:
+    """Turn sums over examples into the mean of SPEC §1, in place."""
+    for diagonal in diagonals:
+        for v in diagonal.values():
+            v.div_(objective.num_examples)
+
+
 def mlp_decomposition(
     objective: Objective,
     *,
@@ -391,10 +413,9 @@ def mlp_decomposition(
     names = set(objective.params)
     ggn, res = _zeros(objective), _zeros(objective)
     approx = _zeros(objective) if per_neuron else None
+    chunk = _chunk_size(structure, weights, examples_per_chunk)
     with torch.no_grad():
-        for x, y in _chunks(objective, _chunk_size(structure, weights, examples_per_chunk)):
-            fwd = _forward(structure, weights, biases, x)
-            r, q = _loss_terms(objective.loss, fwd.output, y)
+        for x, fwd, r, q in _chunk_terms(objective, structure, weights, biases, chunk):
             _accumulate_blocks(structure, fwd, _ggn_squares(weights, fwd, q), names, ggn)
             gs = _backprop_deltas(weights, fwd, r)
             sources = {l + 1: p * g for l, (p, g) in enumerate(zip(fwd.d2phi, gs))}
@@ -402,11 +423,7 @@ def mlp_decomposition(
             if approx is not None:
                 _accumulate_blocks(structure, fwd, _propagate(weights, fwd.dphi, sources, x.shape[0], True),
                                    names, approx)
-    total = objective.num_examples
-    scale = [ggn, res] + ([approx] if approx is not None else [])
-    for d in scale:
-        for v in d.values():
-            v.div_(total)
+    _divide_by_examples(objective, ggn, res, *([approx] if approx is not None else []))
     return MLPDecomposition(ggn, res, approx)
 
 
@@ -426,13 +443,11 @@ def mlp_ggn_diagonal(
     weights, biases = _weights(structure, objective)
     names = set(objective.params)
     ggn = _zeros(objective)
+    chunk = _chunk_size(structure, weights, examples_per_chunk)
     with torch.no_grad():
-        for x, y in _chunks(objective, _chunk_size(structure, weights, examples_per_chunk)):
-            fwd = _forward(structure, weights, biases, x)
-            _, q = _loss_terms(objective.loss, fwd.output, y)
+        for _, fwd, _, q in _chunk_terms(objective, structure, weights, biases, chunk):
             _accumulate_blocks(structure, fwd, _ggn_squares(weights, fwd, q), names, ggn)
-    for v in ggn.values():
-        v.div_(objective.num_examples)
+    _divide_by_examples(objective, ggn)
     return ggn
 
 
@@ -453,19 +468,16 @@ def mlp_phi2_contributions(
     names = set(objective.params)
     ggn = _zeros(objective)
     parts = {name: _zeros(objective) for name in structure.activation_names}
+    chunk = _chunk_size(structure, weights, examples_per_chunk)
     with torch.no_grad():
-        for x, y in _chunks(objective, _chunk_size(structure, weights, examples_per_chunk)):
-            fwd = _forward(structure, weights, biases, x)
-            r, q = _loss_terms(objective.loss, fwd.output, y)
+        for x, fwd, r, q in _chunk_terms(objective, structure, weights, biases, chunk):
             _accumulate_blocks(structure, fwd, _ggn_squares(weights, fwd, q), names, ggn)
             gs = _backprop_deltas(weights, fwd, r)
             for l, name in enumerate(structure.activation_names):
                 source = {l + 1: fwd.d2phi[l] * gs[l]}
                 _accumulate_blocks(structure, fwd, _propagate(weights, fwd.dphi, source, x.shape[0]), names,
                                    parts[name])
-    for d in [ggn, *parts.values()]:
-        for v in d.values():
-            v.div_(objective.num_examples)
+    _divide_by_examples(objective, ggn, *parts.values())
     return Phi2Contributions(ggn, parts)
 
 
@@ -486,9 +498,8 @@ def mlp_phi2_coefficients(
                                                  for m in structure.activation_names}
     phi2: dict[str, list[Tensor]] = {m: [] for m in structure.activation_names}
     with torch.no_grad():
-        for x, y in _chunks(objective, DEFAULT_EXAMPLES_PER_CHUNK):
-            fwd = _forward(structure, weights, biases, x)
-            r, _ = _loss_terms(objective.loss, fwd.output, y)
+        for x, fwd, r, _ in _chunk_terms(objective, structure, weights, biases,
+                                         DEFAULT_EXAMPLES_PER_CHUNK):
             gs = _backprop_deltas(weights, fwd, r)
             for m, mname in enumerate(structure.activation_names):
                 phi2[mname].append(fwd.d2phi[m])
