@@ -22,3 +22,12 @@ def image_data(n: int = 10, size: int = 5) -> tuple[Tensor, Tensor]:
     """n seeded 1×size×size images with labels in {0, 1, 2}."""
     g = torch.Generator().manual_seed(3)
     return torch.randn(n, 1, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def write_digits_checkpoint(path, activation: str = "rct:n=1,alpha=14") -> None:
+    """A native checkpoint of a seeded 64-6-10 MLP for the digits data (untrained)."""
+    from hessdiag.io import save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"in_features": 64, "hidden": [6], "num_classes": 10, "activation": activation}
+    save_checkpoint(path, mlp(**kwargs), "hessdiag.models:mlp", kwargs, {"data": "digits", "loss": "ce"})

@@ -10,13 +10,13 @@ from hessdiag.demo import bundled_checkpoint
 from hessdiag.io import save_checkpoint
 from hessdiag.models import cnn, mlp
 
+from .models import write_digits_checkpoint
+
 
 @pytest.fixture
 def small_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    kwargs = {"in_features": 64, "hidden": [6], "num_classes": 10, "activation": "rct:n=1,alpha=14"}
     path = tmp_path / "small.pt"
-    save_checkpoint(path, mlp(**kwargs), "hessdiag.models:mlp", kwargs, {"data": "digits", "loss": "ce"})
+    write_digits_checkpoint(path)
     return path
 
 

@@ -15,10 +15,10 @@ import hessdiag
 from hessdiag.cli import main
 from hessdiag.estimators import ESTIMATORS, EstimatorOptions
 from hessdiag.ggn import ggn_diagonal
-from hessdiag.io import save_checkpoint
 from hessdiag.models import mlp
 from hessdiag.objective import Objective
 
+from .models import write_digits_checkpoint
 from .reference import (
     max_relative_error,
     reference_ggn_diagonal,
@@ -143,10 +143,8 @@ def test_exact_estimators_keep_an_exact_residual_with_zero_width(setting):
 
 
 def test_cli_split_ggn_with_hutchinson_prints_and_writes_the_residual_interval(tmp_path, capsys):
-    torch.manual_seed(0)
-    kwargs = {"in_features": 64, "hidden": [6], "num_classes": 10, "activation": "rct:n=1,alpha=14"}
     path = tmp_path / "small.pt"
-    save_checkpoint(path, mlp(**kwargs), "hessdiag.models:mlp", kwargs, {"data": "digits", "loss": "ce"})
+    write_digits_checkpoint(path)
     out = tmp_path / "result.json"
     code = main(["measure", str(path), "--estimator", "hutchinson", "--split-ggn", "--samples", "64",
                  "--max-examples", "50", "--dtype", "float64", "--json", str(out)])

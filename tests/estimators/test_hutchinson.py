@@ -8,9 +8,9 @@ from torch import nn
 
 import hessdiag
 from hessdiag.estimators import ESTIMATORS, EstimatorError
-from hessdiag.models import mlp, resnet18_cifar
+from hessdiag.models import resnet18_cifar
 
-from ..models import tiny_mlp
+from ..models import tiny_mlp, write_digits_checkpoint
 from ..reference import flat, max_relative_error, reference_diagonal
 
 STOCHASTIC = ["hutchinson", "hutchinson-plain", "hutchinson-ggn"]  # hutchinson = low-rank
@@ -186,12 +186,9 @@ def test_cli_options_flow_through(tmp_path, capsys):
     import json
 
     from hessdiag.cli import main
-    from hessdiag.io import save_checkpoint
 
-    torch.manual_seed(0)
-    kwargs = {"in_features": 64, "hidden": [6], "num_classes": 10, "activation": "mish"}
     ckpt = tmp_path / "small.pt"
-    save_checkpoint(ckpt, mlp(**kwargs), "hessdiag.models:mlp", kwargs, {"data": "digits", "loss": "ce"})
+    write_digits_checkpoint(ckpt, activation="mish")
     out = tmp_path / "fixed.json"
     assert main(["measure", str(ckpt), "--max-examples", "40", "--estimator", "hutchinson",
                  "--samples", "24", "--seed", "3", "--json", str(out)]) == 0
