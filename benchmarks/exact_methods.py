@@ -8,8 +8,10 @@ float32. Methods, all on the same model, data and objective:
 - ``hutchinson-1``: one Hessian-vector product ``Objective.hvp`` with one Rademacher probe;
 - ``backpack``: :func:`hessdiag.backpack_ext.backpack_diagonal` (BackPACK ``DiagHessian``
   on an extended deep copy, i.e. what ``--estimator backpack`` runs);
-- ``exact``: the ``exact`` estimator (P basis-vector HVPs, vmapped in blocks of 128). A
-  full run takes minutes here, so we time ``--exact-blocks`` of its blocks (the same code
+- ``exact-analytic``: the ``exact`` estimator as users get it on these MLPs: its analytic
+  fast path (the pre-activation-Hessian recursion of :mod:`hessdiag.analytic`);
+- ``exact-hvp``: the ``exact`` estimator's general path (P basis-vector HVPs, vmapped in
+  blocks of 128), what it runs on models the recursion does not cover. A full run takes minutes here, so we time ``--exact-blocks`` of its blocks (the same code
   path, ``ExactEstimator._block``) and scale by P/(blocks·128): every block costs the same,
   so the extrapolation is linear and reported as such.
 
@@ -36,7 +38,7 @@ import time
 
 import torch
 
-METHODS = ("backward", "hutchinson-1", "backpack", "exact")
+METHODS = ("backward", "hutchinson-1", "backpack", "exact-analytic", "exact-hvp")
 
 
 def setup(width: int, batch: int, seed: int = 0):
@@ -70,7 +72,10 @@ def runner(method: str, model, x, y, objective, blocks: int = 4):
         return run
     if method == "backpack":
         return lambda: backpack_diagonal(objective, "hessian")
-    if method == "exact":
+    if method == "exact-analytic":
+        analytic = get_estimator("exact")
+        return lambda: analytic.estimate(objective)
+    if method == "exact-hvp":
         exact = get_estimator("exact", EstimatorOptions(force=True))
         size = exact.block_size
 
@@ -134,7 +139,7 @@ def benchmark(width: int, batch: int, repeats: int, blocks: int) -> list[dict[st
     rows = []
     for method in METHODS:
         median = statistics.median(times[method])
-        if method == "exact":
+        if method == "exact-hvp":
             median *= exact_scale(objective, blocks)
         rows.append({"width": width, "params": objective.num_params, "method": method,
                      "median_s": median, "ratio": median / anchor,
