@@ -187,7 +187,7 @@ def test_ggn_of_a_model_neither_backpack_nor_torch_func_handles_is_a_one_line_us
         def forward(self, x):
             return self.inner(x)
 
-    def refuse(self, examples_per_chunk=64):
+    def refuse(self, examples_per_chunk=None):
         raise NotImplementedError("vmap over this op is not implemented\nsecond line")
 
     monkeypatch.setattr(Objective, "ggn_diagonal", refuse)

@@ -30,16 +30,6 @@ from .base import DiagonalEstimate, EstimatorError
 from .hutchinson import FlatProduct, ProbeEstimator, flat_product
 
 
-GGN_MEMORY_NUMBERS = 10_000_000
-"""The exact GGN diagonal holds examples × C × P numbers at once; keep examples·P near
-this (64 examples for the digits MLP, 1 for ResNet-18), so memory stays bounded."""
-
-
-def ggn_examples_per_chunk(objective: Objective) -> int:
-    """Examples vmapped together in the exact GGN diagonal (memory ≈ that × C × P)."""
-    return max(1, min(64, GGN_MEMORY_NUMBERS // objective.num_params))
-
-
 class GGNHutchinsonEstimator(ProbeEstimator):
     """``hutchinson-ggn``: exact diag(GGN) + Hutchinson on the residual H − GGN."""
 
@@ -55,7 +45,7 @@ class GGNHutchinsonEstimator(ProbeEstimator):
         else:
             start = time.perf_counter()
             try:
-                ggn = objective.ggn_diagonal(examples_per_chunk=ggn_examples_per_chunk(objective))
+                ggn = objective.ggn_diagonal()
             except (RuntimeError, NotImplementedError) as err:
                 raise EstimatorError(
                     f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
