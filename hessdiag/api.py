@@ -102,18 +102,12 @@ def measure(
     if split_ggn and not chosen.exact:
         # Before probing: the probes then also give the residual's unbiased norm and
         # interval (DiagonalEstimate.residual_statistics), and hutchinson-ggn reuses it.
-        ggn_start = time.perf_counter()
         known = ggn_diagonal(objective)
-        ggn_seconds = time.perf_counter() - ggn_start
-    # Only passed when there is one: estimators written against estimate(objective) still run.
-    estimate = (chosen.estimate(objective) if known is None
-                else chosen.estimate(objective, known_ggn=known[0]))
+    estimate = chosen.estimate(objective, known_ggn=None if known is None else known[0])
     for name, block in estimate.diagonal.items():
         if not bool(torch.isfinite(block).all()):
             raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
-    if known is not None:
-        estimate.info.setdefault("ggn_diagonal_seconds", ggn_seconds)
-    elif "ggn" in estimate.info:  # the analytic MLP path computed it exactly
+    if known is None and "ggn" in estimate.info:  # the analytic MLP path computed it exactly
         known = (estimate.info["ggn"],  # type: ignore[assignment]
                  str(estimate.info.get("method", chosen.name)))
     split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None

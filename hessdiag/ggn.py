@@ -74,7 +74,7 @@ def _func_ggn_diagonal(objective: Objective) -> ParamDict:
         raise HessdiagError(
             "the exact GGN diagonal needs a model BackPACK can traverse or torch.func can "
             f"differentiate per example ({str(err).strip().splitlines()[0][:120]}); "
-            "measure without --split-ggn"
+            "use an estimator without it (hutchinson, exact) and no --split-ggn"
         ) from None
 
 

@@ -181,9 +181,3 @@ class ProbeStatistics:
             out[name] = NormStatistics(value, (value - float(half[i]), value + float(half[i])),
                                        float(naive[i]))
         return out
-
-    def residual_sq_norm(self) -> float:
-        """Unbiased ‖r‖² of the stochastic part alone (the pair term of T), total over blocks."""
-        sums = self._sums()
-        n = sums.count
-        return float((sums.total.pow(2).sum() - sums.sq.sum()) / (n * (n - 1)))

@@ -2,8 +2,8 @@
 
 H = G + R, where G = (1/N) Σₙ Jₙᵀ Λₙ Jₙ is the generalized Gauss–Newton matrix and R the
 residual carrying the activations' second derivatives weighted by the loss gradient
-(MATH.md §4.2). diag(G) is computed exactly (:meth:`Objective.ggn_diagonal`, C VJPs
-per example), and diag(R) by Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
+(MATH.md §4.2). diag(G) is computed exactly (:func:`hessdiag.ggn.ggn_diagonal`: BackPACK
+``DiagGGNExact`` where it can traverse the model, else C VJPs per example), and diag(R) by Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
 product (:meth:`Objective.residual_vp`) costing one HVP. With g = diag G exact,
 
     ‖d‖² = ‖g‖² + 2 gᵀr + ‖r‖²,   estimated by ‖g‖² + 2 gᵀ r̄ + U(r₁, …, r_N),
@@ -19,12 +19,12 @@ time, as ``ggn_diagonal_hvp_equivalents``.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from torch import Tensor
 
+from ..ggn import ggn_diagonal
 from ..objective import Objective
 from .base import DiagonalEstimate, EstimatorError
 from .hutchinson import FlatProduct, ProbeEstimator, flat_product
@@ -44,17 +44,9 @@ class GGNHutchinsonEstimator(ProbeEstimator):
             base = known_ggn
         else:
             start = time.perf_counter()
-            try:
-                ggn = objective.ggn_diagonal()
-            except (RuntimeError, NotImplementedError) as err:
-                raise EstimatorError(
-                    f"{self.name}: the exact GGN diagonal needs torch.func-differentiable models "
-                    f"({str(err).splitlines()[0][:100]}); use hutchinson"
-                ) from None
+            ggn, _ = ggn_diagonal(objective)
             info["ggn_diagonal_seconds"] = time.perf_counter() - start
-            info["ggn_method"] = "func"
             base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
-        info["ggn_normalized_norm"] = math.sqrt(float(base.double().pow(2).sum()) / base.numel())
         residual = flat_product(objective, "residual_vp")
 
         def product(probes: Tensor) -> Tensor:

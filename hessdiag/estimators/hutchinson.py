@@ -156,8 +156,6 @@ class ProbeEstimator(Estimator):
         info["jackknife_groups"] = stats.groups
         statistics = stats.statistics()
         info["relative_half_width"] = half_width_on_norm(statistics["total"])
-        if base is not None:  # norm of the stochastic part d − b alone (unbiased, clipped at 0)
-            info["residual_normalized_norm"] = (max(stats.residual_sq_norm(), 0.0) / num) ** 0.5
         residual_statistics = None
         if ggn is not None:  # d − g = (b − g) + r: same probes, another known base
             residual_base = -ggn if base is None else base - ggn
