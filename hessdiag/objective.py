@@ -50,6 +50,16 @@ class ObjectiveError(HessdiagError):
     """The model, data or loss cannot form the objective (bad user input)."""
 
 
+def loss_target(loss: str, output: Tensor, target: Tensor) -> Tensor:
+    """The target as the loss consumes it: class indices for ``ce``; for ``mse`` a float
+    tensor shaped like ``output`` (integer labels one-hot encoded)."""
+    if loss != "mse":
+        return target
+    if not target.is_floating_point():
+        target = F.one_hot(target.long(), output.shape[-1])
+    return target.to(output.dtype).reshape(output.shape)
+
+
 def batch_mean_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
     """Mean loss over one batch, written so torch.func transforms can differentiate it twice.
 
@@ -61,10 +71,7 @@ def batch_mean_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
     if loss == "ce":
         return F.cross_entropy(output, target)
     if loss == "mse":
-        if not target.is_floating_point():
-            target = F.one_hot(target.long(), output.shape[-1])
-        target = target.to(output.dtype).reshape(output.shape)
-        return ((output - target) ** 2).mean()
+        return ((output - loss_target(loss, output, target)) ** 2).mean()
     raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 

@@ -27,14 +27,13 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from backpack import backpack, extend
 from backpack.extensions.backprop_extension import BackpropExtension
 
 from ..estimators.base import EstimatorError
-from ..objective import Objective, ParamDict, default_dtype
+from ..objective import Objective, ParamDict, default_dtype, loss_target
 from .extensions import SMOOTH_ACTIVATIONS, diag_ggn_exact, diag_hessian
 
 Quantity = Literal["hessian", "ggn"]
@@ -121,15 +120,6 @@ def _loss_module(loss: str) -> nn.Module:
     return extend(nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss())
 
 
-def _target(loss: str, output: Tensor, y: Tensor) -> Tensor:
-    # Same conventions as hessdiag.objective.batch_mean_loss: integer labels one-hot for mse.
-    if loss == "ce":
-        return y
-    if not y.is_floating_point():
-        y = F.one_hot(y.long(), output.shape[-1])
-    return y.to(output.dtype).reshape(output.shape)
-
-
 def backpack_diagonal(
     objective: Objective, quantity: Quantity = "hessian", *, use_converter: bool = False
 ) -> ParamDict:
@@ -168,7 +158,7 @@ def backpack_diagonal(
                 f"backpack: BackPACK's losses need [batch, classes] outputs, got shape "
                 f"{tuple(output.shape)}; {_suggestion(quantity)}")
         with torch.enable_grad():
-            loss = lossfunc(output, _target(objective.loss, output, y))
+            loss = lossfunc(output, loss_target(objective.loss, output, y))
         try:
             with backpack(factory()), default_dtype(objective.dtype), torch.enable_grad(), \
                     warnings.catch_warnings():
