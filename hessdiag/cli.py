@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .errors import HessdiagError
+from .errors import HessdiagError, first_line
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
@@ -218,8 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place internal errors are reported
         if args.debug:
             raise
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        print(f"hessdiag: internal error: {type(err).__name__}: {first} "
+        print(f"hessdiag: internal error: {first_line(err, with_type=True)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
 

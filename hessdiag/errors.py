@@ -7,3 +7,13 @@ internal error (exit 1).
 
 class HessdiagError(ValueError):
     """Bad input or an impossible request, explained in one line."""
+
+
+def first_line(err: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), for the
+    one-line reports of bad input; the exception's type name when the message is empty."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(err).__name__}: {line}" if with_type else line

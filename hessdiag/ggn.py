@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from .errors import HessdiagError
+from .errors import HessdiagError, first_line
 from .objective import Objective, ParamDict
 
 GGNMethod = Literal["auto", "backpack", "func"]
@@ -73,7 +73,7 @@ def _func_ggn_diagonal(objective: Objective) -> ParamDict:
     except (RuntimeError, NotImplementedError) as err:
         raise HessdiagError(
             "the exact GGN diagonal needs a model BackPACK can traverse or torch.func can "
-            f"differentiate per example ({str(err).strip().splitlines()[0][:120]}); "
+            f"differentiate per example ({first_line(err, 120)}); "
             "use an estimator without it (hutchinson, exact) and no --split-ggn"
         ) from None
 

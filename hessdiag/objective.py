@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .errors import HessdiagError
+from .errors import HessdiagError, first_line
 
 LossName = Literal["ce", "mse"]
 LOSSES: tuple[str, ...] = ("ce", "mse")
@@ -312,7 +312,7 @@ class Objective:
 
     def _fall_back(self, err: Exception) -> None:
         warnings.warn(
-            f"torch.func HVPs failed for this model ({str(err).splitlines()[0][:120]}); "
+            f"torch.func HVPs failed for this model ({first_line(err, 120)}); "
             "falling back to double backward",
             RuntimeWarning,
             stacklevel=4,

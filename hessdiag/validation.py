@@ -19,17 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .errors import HessdiagError
+from .errors import HessdiagError, first_line
 from .objective import Objective, batch_mean_loss, evaluation_mode
 
 
 class InputError(HessdiagError):
     """Model, data and loss that cannot be measured together."""
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 def check_device(device: torch.device | str | None) -> None:
@@ -39,7 +35,7 @@ def check_device(device: torch.device | str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise InputError(f"unknown device {device!r}: {_first_line(err)}") from None
+        raise InputError(f"unknown device {device!r}: {first_line(err, with_type=True)}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -123,7 +119,7 @@ def _first_forward(objective: Objective, x: Tensor, y: Tensor) -> Tensor:
         with evaluation_mode(objective.model), torch.no_grad():
             output = objective.forward(objective.params, x)
     except Exception as err:  # noqa: BLE001 - whatever the model raises on wrong input
-        raise InputError(f"the model rejects {described}: {_first_line(err)}") from None
+        raise InputError(f"the model rejects {described}: {first_line(err, with_type=True)}") from None
     if not isinstance(output, Tensor):
         raise InputError(f"the model returns a {type(output).__name__}, not a tensor")
     if output.dim() == 0 or output.shape[0] != x.shape[0]:
@@ -138,7 +134,7 @@ def _first_forward(objective: Objective, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
             value = batch_mean_loss(objective.loss, output, y)
     except Exception as err:  # noqa: BLE001 - a loss/target mismatch is bad input
-        raise InputError(f"the {objective.loss} loss cannot use these targets: {_first_line(err)}") from None
+        raise InputError(f"the {objective.loss} loss cannot use these targets: {first_line(err, with_type=True)}") from None
     if not bool(torch.isfinite(value)):
         raise InputError(f"the {objective.loss} loss on the first batch is not finite")
     return output

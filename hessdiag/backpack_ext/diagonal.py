@@ -32,6 +32,7 @@ from torch import nn
 from backpack import backpack, extend
 from backpack.extensions.backprop_extension import BackpropExtension
 
+from ..errors import first_line
 from ..estimators.base import EstimatorError
 from ..objective import Objective, ParamDict, default_dtype, loss_target
 from .extensions import SMOOTH_ACTIVATIONS, diag_ggn_exact, diag_hessian
@@ -109,7 +110,7 @@ def _convert(net: nn.Module, original: nn.Module, quantity: str) -> nn.Module:
             warnings.filterwarnings("error", message="Encountered node that may break")
             return extend(net, use_converter=True)
     except Exception as err:  # noqa: BLE001 - torch.fx raises anything on untraceable code
-        first = (str(err).strip().splitlines() or [""])[0][:160]
+        first = first_line(err, 160)
         raise BackpackUnsupportedError(
             f"backpack: the graph converter failed on {type(original).__name__} "
             f"({type(err).__name__}: {first}); {_suggestion(quantity)}"
@@ -166,7 +167,7 @@ def backpack_diagonal(
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
         except (NotImplementedError, RuntimeError) as err:
-            first = (str(err).strip().splitlines() or [""])[0][:160]
+            first = first_line(err, 160)
             raise BackpackUnsupportedError(f"backpack: {ext_name} failed: {first}; "
                                            f"{_suggestion(quantity)}") from None
         for p in params:

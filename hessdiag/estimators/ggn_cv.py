@@ -24,6 +24,7 @@ import time
 import torch
 from torch import Tensor
 
+from ..errors import first_line
 from ..ggn import ggn_diagonal
 from ..objective import Objective
 from .base import DiagonalEstimate, EstimatorError
@@ -55,7 +56,7 @@ class GGNHutchinsonEstimator(ProbeEstimator):
             except (RuntimeError, NotImplementedError) as err:  # no double-backward route here
                 raise EstimatorError(
                     f"{self.name}: the fused residual product needs torch.func forward-mode AD "
-                    f"({str(err).splitlines()[0][:100]}); use hutchinson"
+                    f"({first_line(err, 100)}); use hutchinson"
                 ) from None
 
         return base, product, 0, info

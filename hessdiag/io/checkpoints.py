@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import HessdiagError
+from ..errors import HessdiagError, first_line
 from .files import atomic_write_bytes
 from .models_spec import ModelSpecError, build_model, import_attr
 
@@ -54,10 +54,6 @@ __all__ = [
 class CheckpointError(HessdiagError):
     """A checkpoint that cannot be read, or whose contents do not fit the model."""
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -86,7 +82,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ... alike
-        raise CheckpointError(f"cannot load safetensors file {path}: {_first_line(err)}") from None
+        raise CheckpointError(f"cannot load safetensors file {path}: {first_line(err)}") from None
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -106,7 +102,7 @@ def _read_torch(path: Path, trust: bool) -> Any:
                 "the file, rerun with --trust-checkpoint (safer: save model.state_dict() and pass --model)"
             ) from None
         detail = _WEIGHTS_DETAIL.search(text)
-        reason = detail.group(1).strip() if detail else _first_line(err)
+        reason = detail.group(1).strip() if detail else first_line(err)
         hint = ""
         if trust and isinstance(err, (AttributeError, ImportError)):
             # A pickled model needs its class importable under the name it was saved with.
@@ -217,7 +213,7 @@ def load_state(model: nn.Module, state: Mapping[str, Any], source: str) -> None:
     try:
         model.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - e.g. a module's own _load_from_state_dict
-        raise CheckpointError(f"{source}: loading the state dict failed: {_first_line(err)}") from None
+        raise CheckpointError(f"{source}: loading the state dict failed: {first_line(err)}") from None
 
 
 def check_finite_parameters(model: nn.Module, source: str) -> None:

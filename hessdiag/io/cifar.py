@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import first_line
 from .data import DataSpecError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -121,7 +122,7 @@ def _batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         doc = restricted_load(path)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated or tampered files alike
-        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        text = first_line(err)
         raise CifarError(f"cannot read CIFAR batch {path}: {text}") from None
     if not isinstance(doc, dict):
         raise CifarError(f"{path} is not a CIFAR batch (a {type(doc).__name__}, not a dict)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import HessdiagError
+from ..errors import HessdiagError, first_line
 
 SPLITS = ("train", "test", "all")
 DATA_SPECS = ("digits", "tensors:PATH", "npz:PATH", "cifar10:DIR", "cifar100:DIR")
@@ -33,10 +33,6 @@ DIGITS_TEST_FRACTION = 0.2
 class DataSpecError(HessdiagError):
     """An unknown, unreadable or malformed data spec."""
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def digits(split: str = "train") -> tuple[Tensor, Tensor]:
@@ -84,7 +80,7 @@ def _tensors(path: str) -> tuple[Tensor, Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable or unsafe file is bad input
-        raise DataSpecError(f"cannot read tensors from {path}: {_first_line(err)}") from None
+        raise DataSpecError(f"cannot read tensors from {path}: {first_line(err)}") from None
     if isinstance(obj, dict) and {"x", "y"} <= obj.keys():
         x, y = obj["x"], obj["y"]
     elif isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -111,7 +107,7 @@ def _npz(path: str) -> tuple[Tensor, Tensor]:
     except DataSpecError:
         raise
     except Exception as err:  # noqa: BLE001 - bad zip, object arrays (need pickle), ...
-        raise DataSpecError(f"cannot read arrays from {path}: {_first_line(err)}") from None
+        raise DataSpecError(f"cannot read arrays from {path}: {first_line(err)}") from None
     tensors = []
     for name, array in zip(("x", "y"), arrays):
         try:

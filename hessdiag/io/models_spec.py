@@ -17,16 +17,12 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import HessdiagError
+from ..errors import HessdiagError, first_line
 
 
 class ModelSpecError(HessdiagError):
     """A ``--model`` spec that cannot be imported or does not build an ``nn.Module``."""
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 def _is_file_spec(module_part: str) -> bool:
@@ -60,7 +56,7 @@ def _import_file(path_text: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - the user's file failing is bad input
         del sys.modules[name]
-        raise ModelSpecError(f"importing {path_text} failed: {_first_line(err)}") from None
+        raise ModelSpecError(f"importing {path_text} failed: {first_line(err, with_type=True)}") from None
     finally:
         if added:
             sys.path.remove(folder)
@@ -80,7 +76,7 @@ def import_attr(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(module_part)
         except Exception as err:  # noqa: BLE001 - ImportError or the module's own failure
-            raise ModelSpecError(f"cannot import {module_part!r} for --model: {_first_line(err)}") from None
+            raise ModelSpecError(f"cannot import {module_part!r} for --model: {first_line(err, with_type=True)}") from None
     try:
         obj: Any = module
         for part in attr.split("."):
@@ -100,7 +96,7 @@ def build_model(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module
     except HessdiagError:
         raise
     except Exception as err:  # noqa: BLE001 - user code failing is bad input here
-        raise ModelSpecError(f"building the model {spec} failed: {_first_line(err)}") from None
+        raise ModelSpecError(f"building the model {spec} failed: {first_line(err, with_type=True)}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
