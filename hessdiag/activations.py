@@ -44,6 +44,7 @@ from typing import Any, Callable, NamedTuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function_unary
 from torch import Tensor, nn
 
 from hessdiag.errors import HessdiagError
@@ -193,7 +194,14 @@ def _check_rct_params(n: Any, alpha: Any) -> tuple[int, float]:
 
 
 def rct_af(x: Tensor, n: int = 1, alpha: float = 1.0) -> Tensor:
-    """RCT-AF f_n(x) with slope parameter alpha; differentiable to any order (also by torch.func)."""
+    """RCT-AF f_n(x) with slope parameter alpha; differentiable to any order (also by torch.func).
+
+    What :class:`RCTAF` calls. It honours ``__torch_function__`` like torch's functional
+    activations, so a :class:`torch.overrides.TorchFunctionMode` sees every RCT-AF call with
+    its ``n`` and ``alpha`` (:mod:`hessdiag.structure` finds a network's activations that way).
+    """
+    if has_torch_function_unary(x):
+        return handle_torch_function(rct_af, (x,), x, n=n, alpha=alpha)
     n, alpha = _check_rct_params(n, alpha)
     return _RCTAFDerivative.apply(x, n, alpha, 0)
 
@@ -231,7 +239,7 @@ class RCTAF(nn.Module):
         return RCT_PSI_COEF[self.n] * self.alpha
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RCTAFDerivative.apply(x, self.n, self.alpha, 0)
+        return rct_af(x, self.n, self.alpha)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, alpha={self.alpha:g}"

@@ -10,6 +10,7 @@ from .base import (
     NormStatistics,
 )
 from .backpack import BackpackEstimator
+from .curvprop import CurvpropEstimator
 from .exact import ExactEstimator
 from .ggn_cv import GGNHutchinsonEstimator
 from .hutchinson import PlainHutchinsonEstimator
@@ -22,7 +23,7 @@ HutchinsonEstimator = LowRankHutchinsonEstimator
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
     for cls in (ExactEstimator, BackpackEstimator, HutchinsonEstimator,
-                PlainHutchinsonEstimator, GGNHutchinsonEstimator)
+                PlainHutchinsonEstimator, GGNHutchinsonEstimator, CurvpropEstimator)
 }
 
 
@@ -40,6 +41,7 @@ def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimat
 __all__ = [
     "ESTIMATORS",
     "BackpackEstimator",
+    "CurvpropEstimator",
     "DiagonalEstimate",
     "Estimator",
     "EstimatorError",

@@ -1,0 +1,27 @@
+"""The structure of an objective's network (:mod:`hessdiag.structure`), found once per objective.
+
+Estimators and ``auto`` ask for it; the recording runs one functional forward pass on the
+first :data:`STRUCTURE_EXAMPLES` examples of the first batch.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from ..objective import Objective, evaluation_mode
+from ..structure import NetworkStructure, network_structure
+
+STRUCTURE_EXAMPLES = 2
+
+_CACHE: "weakref.WeakKeyDictionary[Objective, NetworkStructure]" = weakref.WeakKeyDictionary()
+
+
+def objective_structure(objective: Objective) -> NetworkStructure:
+    """The :class:`NetworkStructure` of ``objective``'s model (cached per objective)."""
+    found = _CACHE.get(objective)
+    if found is None:
+        x, _, _ = next(objective.batches())
+        with evaluation_mode(objective.model):
+            found = network_structure(objective.forward, objective.params, x[:STRUCTURE_EXAMPLES])
+        _CACHE[objective] = found
+    return found

@@ -1,0 +1,203 @@
+r"""Sums of squared per-example parameter gradients, from one batched backward pass.
+
+For an affine operation out = op(x; W, b) applied to a batch, the gradient of example n's
+scalar sₙ with respect to W is a function of that example's input xₙ and of gₙ = ∂sₙ/∂outₙ
+alone (examples do not interact in eval mode). Given the batch's input x [n, …] and the
+gradient g [n, …] arriving at the output in one backward pass, each rule returns
+
+    Σₙ wₙ (∂sₙ/∂W)²   and   Σₙ wₙ (∂sₙ/∂b)²      (elementwise squares, shapes of W and b)
+
+with per-example weights wₙ, without forming more than a chunk of per-example gradients
+at a time (:data:`CHUNK_NUMBERS`). These are the building blocks of the exact GGN
+diagonal (one backward pass per output class) and of the ``curvprop`` residual.
+
+Rules: ``F.linear`` (inputs [n, in] or [n, …, in], summing over the middle positions),
+``F.conv1d``/``F.conv2d`` (any stride, padding, dilation, groups; via an unfolded input
+that is computed once and reused across passes), ``F.batch_norm`` in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_NUMBERS = 1 << 24
+"""At most about this many numbers of per-example gradients exist at once (64 MB in float32)."""
+
+
+def _pair(value: Any, dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(int(v) for v in value)
+
+
+def _call_arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, name: str,
+              default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
+def conv_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
+                 stride: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Explicit symmetric padding of a convolution, or ``None`` when it has none
+    (``padding="same"`` with an even effective kernel pads asymmetrically)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * len(kernel)
+        if any(s != 1 for s in stride):
+            return None
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return _pair(padding, len(kernel))
+
+
+def param_call_problem(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    """Why a call of an affine operation has no per-example rule here, or ``None``."""
+    if func in (F.conv1d, F.conv2d):
+        weight = _call_arg(args, kwargs, 1, "weight", None)
+        if not isinstance(weight, Tensor):
+            return "a convolution without a weight tensor"
+        dims = weight.dim() - 2
+        kernel = tuple(weight.shape[2:])
+        stride = _pair(_call_arg(args, kwargs, 3, "stride", 1), dims)
+        dilation = _pair(_call_arg(args, kwargs, 5, "dilation", 1), dims)
+        if conv_padding(_call_arg(args, kwargs, 4, "padding", 0), kernel, dilation, stride) is None:
+            return "a convolution with asymmetric 'same' padding"
+    return None
+
+
+def _weighted_square_sum(per_example: Tensor, weights: Tensor) -> Tensor:
+    """Σₙ wₙ Gₙ² for per-example gradients ``per_example`` [n, *shape]."""
+    return torch.einsum("n,n...->...", weights, per_example.pow(2))
+
+
+@dataclass
+class AffineCall:
+    """One recorded call of an affine operation whose parameters belong to θ.
+
+    Attributes:
+        func: ``F.linear``, ``F.conv1d``, ``F.conv2d`` or ``F.batch_norm``.
+        inputs: the call's input x [n, …] (saved at the forward pass; must not change).
+        args, kwargs: the call's other arguments (weights, stride, running statistics, …).
+        names: which of ``"weight"``/``"bias"`` are parameters of θ, and their names.
+    """
+
+    func: Any
+    inputs: Tensor
+    args: tuple
+    kwargs: dict
+    names: dict[str, str]
+    version: int = 0
+    cache: dict[str, Tensor] = field(default_factory=dict)
+
+    def square_sums(self, grad: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        """``{parameter name: Σₙ wₙ (per-example gradient)²}`` for the output gradient ``grad``."""
+        if self.inputs._version != self.version:
+            raise RuntimeError(
+                "an input of a recorded layer was modified in place after the layer used it"
+            )
+        if self.func is F.linear:
+            parts = self._linear(grad, weights)
+        elif self.func is F.batch_norm:
+            parts = self._batch_norm(grad, weights)
+        else:
+            parts = self._conv(grad, weights)
+        return {self.names[k]: v for k, v in parts.items() if k in self.names}
+
+    # -- rules -------------------------------------------------------------------------
+
+    def _linear(self, grad: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        x, n = self.inputs, self.inputs.shape[0]
+        out: dict[str, Tensor] = {}
+        if x.dim() == 2:
+            g2 = grad.pow(2) * weights[:, None]
+            if "weight" in self.names:
+                out["weight"] = g2.T @ x.pow(2)
+            if "bias" in self.names:
+                out["bias"] = g2.sum(0)
+            return out
+        x3 = x.reshape(n, -1, x.shape[-1])
+        g3 = grad.reshape(n, -1, grad.shape[-1])
+        if "weight" in self.names:
+            acc = x.new_zeros(g3.shape[-1], x3.shape[-1])
+            step = _step(n, acc.numel())
+            for s in range(0, n, step):
+                per = torch.bmm(g3[s : s + step].transpose(1, 2), x3[s : s + step])
+                acc += _weighted_square_sum(per, weights[s : s + step])
+            out["weight"] = acc
+        if "bias" in self.names:
+            out["bias"] = _weighted_square_sum(g3.sum(1), weights)
+        return out
+
+    def _batch_norm(self, grad: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        x = self.inputs
+        mean = _call_arg(self.args, self.kwargs, 1, "running_mean", None)
+        var = _call_arg(self.args, self.kwargs, 2, "running_var", None)
+        eps = float(_call_arg(self.args, self.kwargs, 7, "eps", 1e-5))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        spatial = tuple(range(2, x.dim()))
+        out: dict[str, Tensor] = {}
+        if "weight" in self.names:
+            normalized = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+            per = (grad * normalized).sum(spatial) if spatial else grad * normalized
+            out["weight"] = _weighted_square_sum(per, weights)
+        if "bias" in self.names:
+            per = grad.sum(spatial) if spatial else grad
+            out["bias"] = _weighted_square_sum(per, weights)
+        return out
+
+    def _unfolded(self) -> tuple[Tensor, tuple[int, ...]]:
+        """The input unfolded to [n, C_in·k, L] (cached: every backward pass reuses it)."""
+        weight = _call_arg(self.args, self.kwargs, 1, "weight", None)
+        kernel = tuple(weight.shape[2:])
+        if "unfolded" not in self.cache:
+            dims = len(kernel)
+            stride = _pair(_call_arg(self.args, self.kwargs, 3, "stride", 1), dims)
+            dilation = _pair(_call_arg(self.args, self.kwargs, 5, "dilation", 1), dims)
+            padding = conv_padding(_call_arg(self.args, self.kwargs, 4, "padding", 0),
+                                   kernel, dilation, stride)
+            x = self.inputs
+            if dims == 1:  # a 1-d convolution is a 2-d one over a height of 1
+                x, kernel2 = x.unsqueeze(2), (1, kernel[0])
+                stride, dilation, padding = (1, *stride), (1, *dilation), (0, *padding)  # type: ignore[misc]
+            else:
+                kernel2 = kernel
+            self.cache["unfolded"] = F.unfold(x, kernel2, dilation=dilation, padding=padding,
+                                              stride=stride)
+        return self.cache["unfolded"], kernel
+
+    def _conv(self, grad: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        n = grad.shape[0]
+        out: dict[str, Tensor] = {}
+        g = grad.reshape(n, grad.shape[1], -1)  # [n, C_out, L]
+        if "weight" in self.names:
+            unfolded, kernel = self._unfolded()
+            groups = int(_call_arg(self.args, self.kwargs, 6, "groups", 1))
+            c_out = g.shape[1]
+            k = unfolded.shape[1] // groups
+            gg = g.reshape(n, groups, c_out // groups, -1)
+            uu = unfolded.reshape(n, groups, k, -1)
+            per_size = c_out * k
+            acc = grad.new_zeros(groups, c_out // groups, k)
+            step = _step(n, per_size)
+            for s in range(0, n, step):
+                per = torch.einsum("ngol,ngkl->ngok", gg[s : s + step], uu[s : s + step])
+                acc += _weighted_square_sum(per, weights[s : s + step])
+            out["weight"] = acc.reshape(c_out, k // math.prod(kernel), *kernel)
+        if "bias" in self.names:
+            out["bias"] = _weighted_square_sum(g.sum(2), weights)
+        return out
+
+
+def _step(num: int, per_example: int) -> int:
+    """Examples per chunk so that a chunk holds at most :data:`CHUNK_NUMBERS` numbers."""
+    return max(1, min(num, CHUNK_NUMBERS // max(per_example, 1)))
