@@ -18,7 +18,12 @@ estimator's ``residual_statistics`` (unbiased, with an interval, same probes), f
   additions, BatchNorm in eval mode);
 - ``"func"``: :meth:`Objective.ggn_diagonal` — per-example VJPs of the loss-Hessian factor
   with ``torch.func`` (any model torch.func can differentiate; C VJPs per example);
-- ``"auto"`` (default): ``"backpack"`` where BackPACK can traverse the model, else ``"func"``.
+- ``"tape"``: C hooked backward passes per batch with per-example squared gradients
+  (:func:`hessdiag.curvature_tape.tape_ggn_diagonal`), for networks whose parameters all
+  sit in Linear/Conv/BatchNorm layers and whose other operations are known
+  (:mod:`hessdiag.structure`: piecewise-linear or elementwise networks);
+- ``"auto"`` (default): ``"tape"`` where the structure allows, else ``"backpack"`` where
+  BackPACK can traverse the model, else ``"func"``.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from typing import Literal, NamedTuple
 from .errors import HessdiagError, first_line
 from .objective import Objective, ParamDict
 
-GGNMethod = Literal["auto", "backpack", "func"]
-GGN_METHODS: tuple[str, ...] = ("auto", "backpack", "func")
+GGNMethod = Literal["auto", "tape", "backpack", "func"]
+GGN_METHODS: tuple[str, ...] = ("auto", "tape", "backpack", "func")
 
 
 class GGNSplit(NamedTuple):
@@ -44,14 +49,27 @@ class GGNSplit(NamedTuple):
 def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[ParamDict, str]:
     """Exact diag of the generalized Gauss–Newton matrix of ``objective``.
 
-    Returns ``(diagonal, used)`` where ``used`` is ``"backpack"``, ``"backpack-converter"``
-    or ``"func"``. With ``method="backpack"`` a model BackPACK cannot traverse raises
+    Returns ``(diagonal, used)`` where ``used`` is ``"tape"``, ``"backpack"``,
+    ``"backpack-converter"`` or ``"func"``. With ``method="backpack"`` a model BackPACK cannot traverse raises
     :class:`~hessdiag.backpack_ext.BackpackUnsupportedError`.
     """
     if method not in GGN_METHODS:
         raise HessdiagError(f"unknown GGN method {method!r}; choose one of {', '.join(GGN_METHODS)}")
     if method == "func":
         return _func_ggn_diagonal(objective), "func"
+    if method in ("auto", "tape"):
+        from .curvature_tape import TapeError, tape_ggn_diagonal
+        from .estimators.structural import objective_structure
+
+        structure = objective_structure(objective)
+        if structure.kind == "general" and method == "tape":
+            raise HessdiagError(f"the hooked GGN diagonal does not apply: {structure.reason}")
+        if structure.kind != "general":
+            try:
+                return tape_ggn_diagonal(objective), "tape"
+            except TapeError as err:
+                if method == "tape":
+                    raise HessdiagError(f"the hooked GGN diagonal does not apply: {err}") from None
     from .backpack_ext import BackpackUnsupportedError, backpack_diagonal, check_traversable
 
     try:

@@ -27,7 +27,7 @@ def test_bundled_checkpoint_prints_the_split_per_layer(tmp_path, capsys):
         row = rows[layer["name"]]
         assert row[-2] == f"{layer['ggn_normalized_norm']:.6g}"
         assert row[-1] == f"{layer['residual_normalized_norm']:.6g}"
-    assert doc["estimator"] == "backpack" and doc["ggn_method"] == "backpack"
+    assert doc["estimator"] == "backpack" and doc["ggn_method"] == "tape"
     # Hidden layers carry a residual (φ'' ≠ 0); the linear output layer's is exactly 0.
     assert doc["per_layer"][0]["residual_normalized_norm"] > 0
     assert doc["per_layer"][-1]["residual_normalized_norm"] == 0

@@ -83,8 +83,8 @@ def test_split_parts_match_references_on_mlp(activation, estimator, loss, tiny_c
     ggn = split_like(reference_ggn(model, loss, x, y).diagonal(), model)
     residual = split_like(reference_residual(model, loss, x, y).diagonal(), model)
     # exact on an MLP takes the analytic path, which computes the GGN itself; backpack's
-    # split reads BackPACK's DiagGGNExact.
-    assert res.ggn_method == ("analytic-mlp" if estimator == "exact" else "backpack")
+    # split takes the default GGN dispatch, whose first choice for an MLP is the hooked one.
+    assert res.ggn_method == ("analytic-mlp" if estimator == "exact" else "tape")
     assert max_relative_error(res.ggn_diagonal, ggn) < SPLIT_RTOL
     assert max_relative_error(res.residual_diagonal, residual) < SPLIT_RTOL
     assert res.ggn_normalized_norm == pytest.approx(hessdiag.normalized_norm(ggn), rel=1e-9)
@@ -116,11 +116,15 @@ def test_resnet_with_batchnorm_goes_through_the_converter(loss):
     x, y = image_data(size=4)
     res = hessdiag.measure(model, (x, y), loss, "exact", dtype="float64", batch_size=4,
                            split_ggn=True)
+    assert res.ggn_method == "tape"  # the default dispatch's first choice for this structure
+    objective = Objective(model, (x, y), loss, dtype=torch.float64, batch_size=4)
+    converted, used = ggn_diagonal(objective, "backpack")
     # Not "func": the converter ran without leaving non-module nodes (those are errors).
-    assert res.ggn_method == "backpack-converter"
+    assert used == "backpack-converter"
     assert torch.get_default_dtype() == torch.float32  # BackPACK ran pooling in float64 only
     ggn = split_like(reference_ggn(model, loss, x, y).diagonal(), model)
     residual = split_like(reference_residual(model, loss, x, y).diagonal(), model)
+    assert max_relative_error(converted, ggn) < SPLIT_RTOL
     assert max_relative_error(res.ggn_diagonal, ggn) < SPLIT_RTOL
     assert max_relative_error(res.residual_diagonal, residual) < SPLIT_RTOL
 
@@ -165,7 +169,7 @@ def test_result_document_and_table_carry_the_split(tiny_classification):
     res = hessdiag.measure(model, tiny_classification, "ce", "backpack", dtype="float64",
                            split_ggn=True)
     doc = res.to_dict()
-    assert doc["ggn_method"] == "backpack"
+    assert doc["ggn_method"] == "tape"
     assert doc["ggn_normalized_norm"] > 0 and doc["residual_normalized_norm"] > 0
     assert all(layer["ggn_normalized_norm"] is not None for layer in doc["per_layer"])
     assert "GGN" in res.table().splitlines()[0] and "residual" in res.table().splitlines()[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import weakref
 
+from ..errors import first_line
 from ..objective import Objective, evaluation_mode
 from ..structure import NetworkStructure, network_structure
 
@@ -21,7 +22,14 @@ def objective_structure(objective: Objective) -> NetworkStructure:
     found = _CACHE.get(objective)
     if found is None:
         x, _, _ = next(objective.batches())
-        with evaluation_mode(objective.model):
-            found = network_structure(objective.forward, objective.params, x[:STRUCTURE_EXAMPLES])
+        try:
+            with evaluation_mode(objective.model):
+                found = network_structure(objective.forward, objective.params,
+                                          x[:STRUCTURE_EXAMPLES])
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+            # Not recordable: the general estimators run the model their own way and
+            # report any real problem with it.
+            found = NetworkStructure("general", f"the forward pass could not be recorded "
+                                                f"({first_line(err, 80)})")
         _CACHE[objective] = found
     return found
