@@ -28,9 +28,11 @@ def test_bundled_checkpoint_prints_the_split_per_layer(tmp_path, capsys):
         assert row[-2] == f"{layer['ggn_normalized_norm']:.6g}"
         assert row[-1] == f"{layer['residual_normalized_norm']:.6g}"
     assert doc["estimator"] == "backpack" and doc["ggn_method"] == "tape"
-    # Hidden layers carry a residual (φ'' ≠ 0); the linear output layer's is exactly 0.
+    # Hidden layers carry a residual (φ'' ≠ 0); the linear output layer's is 0 up to the
+    # rounding between two float64 computations of the same GGN (hooks vs BackPACK).
     assert doc["per_layer"][0]["residual_normalized_norm"] > 0
-    assert doc["per_layer"][-1]["residual_normalized_norm"] == 0
+    last = doc["per_layer"][-1]
+    assert last["residual_normalized_norm"] <= 1e-12 * last["ggn_normalized_norm"]
 
 
 def test_unsupported_model_exits_2_naming_the_module(tmp_path, capsys):
