@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import HessdiagError
-from .estimators import EstimatorOptions, get_estimator
+from .estimators import EstimatorOptions, get_estimator, select_estimator
 from .extras import compute_extras, parse_extras
 from .ggn import ggn_diagonal, split_diagonal
 from .objective import Objective
@@ -38,7 +38,7 @@ def measure(
     model: nn.Module,
     data: object,
     loss: str = "ce",
-    estimator: str = "exact",
+    estimator: str = "auto",
     *,
     samples: int | None = None,
     rtol: float = 0.05,
@@ -62,7 +62,10 @@ def measure(
             they were (the measurement runs on detached copies in eval mode).
         data: an ``(x, y)`` pair of tensors, a DataLoader, or an iterable of batches.
         loss: ``"ce"`` (cross-entropy) or ``"mse"`` (mean over batch and outputs).
-        estimator: a name from :data:`hessdiag.estimators.ESTIMATORS`.
+        estimator: a name from :data:`hessdiag.estimators.ESTIMATORS`; ``"auto"`` (the
+            default) picks the cheapest route the model's structure allows
+            (:mod:`hessdiag.estimators.auto`) and records which one ran and why
+            (``Result.estimator``, ``Result.selection``).
         samples, rtol, max_samples, seed: probe budget of stochastic estimators.
         dtype: compute dtype (``"float64"`` for reference-quality numbers).
         batch_size: batch size when ``data`` is a pair of tensors; does not change the
@@ -95,6 +98,9 @@ def measure(
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
                           batch_size=batch_size, chunk_size=chunk_size)
     validate_objective(objective)
+    selection = None
+    if chosen.name == "auto":
+        chosen, selection = select_estimator(objective, options)
     if progress is not None:
         objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
     start = time.perf_counter()
@@ -115,7 +121,7 @@ def measure(
     seconds = time.perf_counter() - start
     return Result.from_estimate(
         estimate,
-        estimator=estimator,
+        estimator=chosen.name,
         loss=loss,
         num_examples=int(objective.num_examples or 0),
         dtype=objective.dtype,
@@ -124,11 +130,12 @@ def measure(
         checkpoint=checkpoint,
         split=split,
         extras=context,
+        selection=selection,
     )
 
 
 def hessian_diagonal(
-    model: nn.Module, data: object, loss: str = "ce", estimator: str = "exact", **kwargs: object
+    model: nn.Module, data: object, loss: str = "ce", estimator: str = "auto", **kwargs: object
 ) -> dict[str, Tensor]:
     """diag(∇²L(θ)) as ``{parameter name: Tensor}``; keyword arguments as in :func:`measure`."""
     return measure(model, data, loss, estimator, **kwargs).diagonal  # type: ignore[arg-type]

@@ -76,7 +76,8 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
-    p.add_argument("--estimator", default="exact", choices=sorted(ESTIMATORS), help="estimator (default: exact)")
+    p.add_argument("--estimator", default="auto", choices=sorted(ESTIMATORS),
+                   help="estimator (default: auto, the cheapest route the model's structure allows)")
     p.add_argument("--samples", type=_positive_int, help="fixed number of probes (stochastic estimators)")
     p.add_argument("--rtol", type=_positive_float, default=0.05, help="adaptive stop: relative CI half-width (default: 0.05)")
     p.add_argument("--max-samples", type=_positive_int, default=1024, help="adaptive stop: probe cap (default: 1024)")
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0, help="network and data seed (default: 0)")
 
     demo = sub.add_parser("demo", help="measure the bundled example checkpoint")
-    demo.add_argument("--estimator", default="exact", help="estimator (default: exact)")
+    demo.add_argument("--estimator", default="auto", help="estimator (default: auto)")
     return parser
 
 

@@ -82,6 +82,7 @@ class Result:
     checkpoint: str | None = None
     ggn_method: str | None = None
     method: str | None = None
+    selection: str | None = None
     extras: dict[str, Any] | None = None
     diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -101,6 +102,7 @@ class Result:
         checkpoint: str | None = None,
         split: GGNSplit | None = None,
         extras: dict[str, Any] | None = None,
+        selection: str | None = None,
     ) -> Result:
         """Assemble totals and per-layer norms from an estimator's output.
 
@@ -170,6 +172,7 @@ class Result:
             residual_ci95=residual_ci95,
             ggn_method=None if split is None else split.method,
             method=str(estimate.info["method"]) if "method" in estimate.info else None,
+            selection=selection,
             ggn_diagonal=None if split is None else split.ggn,
             residual_diagonal=None if split is None else split.residual,
             extras=extras,
@@ -184,6 +187,7 @@ class Result:
             "checkpoint": self.checkpoint,
             "estimator": self.estimator,
             "method": self.method,
+            "selection": self.selection,
             "loss": self.loss,
             "num_params": self.num_params,
             "num_examples": self.num_examples,
@@ -254,7 +258,8 @@ class Result:
                 f"dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
-        return "\n".join(lines + [extra] + self._extras_lines())
+        chosen = [f"chosen by auto: {self.selection}"] if self.selection else []
+        return "\n".join(lines + [extra] + chosen + self._extras_lines())
 
     def _extras_lines(self) -> list[str]:
         if not self.extras:

@@ -9,6 +9,7 @@ from .base import (
     EstimatorOptions,
     NormStatistics,
 )
+from .auto import AutoEstimator, select_estimator
 from .backpack import BackpackEstimator
 from .curvprop import CurvpropEstimator
 from .exact import ExactEstimator
@@ -22,7 +23,7 @@ HutchinsonEstimator = LowRankHutchinsonEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
-    for cls in (ExactEstimator, BackpackEstimator, HutchinsonEstimator,
+    for cls in (AutoEstimator, ExactEstimator, BackpackEstimator, HutchinsonEstimator,
                 PlainHutchinsonEstimator, GGNHutchinsonEstimator, CurvpropEstimator)
 }
 
@@ -40,6 +41,7 @@ def get_estimator(name: str, options: EstimatorOptions | None = None) -> Estimat
 
 __all__ = [
     "ESTIMATORS",
+    "AutoEstimator",
     "BackpackEstimator",
     "CurvpropEstimator",
     "DiagonalEstimate",
@@ -53,4 +55,5 @@ __all__ = [
     "PlainHutchinsonEstimator",
     "NormStatistics",
     "get_estimator",
+    "select_estimator",
 ]

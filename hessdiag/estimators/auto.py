@@ -1,0 +1,61 @@
+"""``auto``: the cheapest route to the Hessian diagonal that the model's structure allows.
+
+In order (docs/index.md, "Choosing an estimator"):
+
+1. ``exact`` when it is exact at a price independent of the Hessian's size: an MLP the
+   analytic recursion supports, or a piecewise-linear network (diag H = diag GGN);
+2. ``exact`` by basis Hessian-vector products when P ≤ :data:`AUTO_EXACT_MAX_PARAMS`;
+3. ``curvprop`` when every nonlinearity is a smooth elementwise activation;
+4. ``hutchinson`` otherwise (attention, LayerNorm, gates, unknown operations).
+
+The chosen estimator's name and the reason are recorded in the result (``estimator``,
+``selection``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..analytic import supported_structure
+from ..objective import Objective
+from .base import DiagonalEstimate, Estimator, EstimatorOptions
+from .curvprop import CurvpropEstimator
+from .exact import ExactEstimator
+from .lowrank import LowRankHutchinsonEstimator
+from .structural import objective_structure
+
+AUTO_EXACT_MAX_PARAMS = 2_000
+"""Basis HVPs cost P Hessian-vector products: at most this many, a few seconds on the
+digits data here, is cheaper than any stochastic estimate of useful precision."""
+
+
+def select_estimator(objective: Objective,
+                     options: EstimatorOptions | None = None) -> tuple[Estimator, str]:
+    """The estimator ``auto`` runs on ``objective``, and why (one short sentence)."""
+    if supported_structure(objective.model) is not None:
+        return ExactEstimator(options), "an MLP: exact analytic recursion"
+    structure = objective_structure(objective)
+    if structure.kind == "piecewise-linear":
+        return ExactEstimator(options), f"piecewise-linear network ({structure.reason}): exact"
+    if objective.num_params <= AUTO_EXACT_MAX_PARAMS:
+        return (ExactEstimator(options),
+                f"{objective.num_params:,} parameters ≤ {AUTO_EXACT_MAX_PARAMS:,}: exact")
+    if structure.kind == "elementwise":
+        return CurvpropEstimator(options), structure.reason
+    return LowRankHutchinsonEstimator(options), f"general network: {structure.reason}"
+
+
+class AutoEstimator(Estimator):
+    """``auto``: delegates to :func:`select_estimator`'s choice (module docstring)."""
+
+    name = "auto"
+    exact = False
+
+    def estimate(
+        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+    ) -> DiagonalEstimate:
+        chosen, why = select_estimator(objective, self.options)
+        estimate = chosen.estimate(objective, known_ggn)
+        estimate.info["selected"] = chosen.name
+        estimate.info["selection"] = why
+        return estimate
