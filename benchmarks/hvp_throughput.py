@@ -4,8 +4,8 @@ Each method computes H·v over ALL the data of the case (not one cached batch), 
 of the same size, same model, same dtype, in one run with the methods interleaved
 (``--rounds`` rounds, medians reported) and thread count pinned:
   ours/k        hessdiag ``Objective.hvp`` on k probes at once (one data pass; vmapped
-                forward-over-reverse or shared-graph double backward, whichever its
-                first call measured faster); ``ours/1`` is a single probe
+                forward-over-reverse, ``hvp_route="auto"``; ``--hvp-route autograd``
+                for shared-graph double backward); ``ours/1`` is a single probe
   pyhessian     PyHessian 0.1 ``hessian(..., dataloader=..., cuda=False)
                 .dataloader_hv_product(v)`` (double backward, one probe per data pass)
   cl-matvec     curvlinops 3.0.1 ``HessianLinearOperator @ v`` (one vector)
@@ -37,7 +37,7 @@ from hessdiag.models import cnn, mlp, resnet18_cifar  # noqa: E402
 from hessdiag.objective import Objective  # noqa: E402
 
 
-def methods(model: nn.Module, batches, probes: int, device: str):
+def methods(model: nn.Module, batches, probes: int, device: str, route: str = "auto"):
     """name → zero-argument callable computing H·v for ``probes`` (or 1) vectors; name → k."""
     from curvlinops import HessianLinearOperator
     from pyhessian import hessian as PyHessian
@@ -45,7 +45,7 @@ def methods(model: nn.Module, batches, probes: int, device: str):
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     num = sum(p.numel() for p in params)
-    objective = Objective(model, batches, "ce", chunk_size=probes, device=device)
+    objective = Objective(model, batches, "ce", chunk_size=probes, device=device, hvp_route=route)
     gen = torch.Generator().manual_seed(0)
     flat = (torch.randint(0, 2, (probes, num), generator=gen).to(params[0].dtype) * 2 - 1).to(device)
     stack = objective.unflatten(flat)
@@ -64,8 +64,9 @@ def methods(model: nn.Module, batches, probes: int, device: str):
     return out, num, objective
 
 
-def run_case(name: str, model: nn.Module, batches, probes: int, rounds: int, device: str) -> None:
-    table, num, objective = methods(model, batches, probes, device)
+def run_case(name: str, model: nn.Module, batches, probes: int, rounds: int, device: str,
+             route: str = "auto") -> None:
+    table, num, objective = methods(model, batches, probes, device, route)
     times: dict[str, list[float]] = {k: [] for k in table}
     failed: dict[str, str] = {}
     for r in range(rounds + 1):  # round 0 warms up (compilation of vmapped kernels, caches)
@@ -88,7 +89,7 @@ def run_case(name: str, model: nn.Module, batches, probes: int, rounds: int, dev
     n_ex = sum(int(x.shape[0]) for x, _ in batches)
     print(f"\n### {name}: P = {num:,}, {n_ex} examples in {len(batches)} batches, "
           f"{next(model.parameters()).dtype}, {device}")
-    print(f"\n(ours: HVP path chosen by the first call's timing: {objective.hvp_path})")
+    print(f"\n(ours: HVP route: {objective.hvp_route_used})")
     print("\n| method | ms per probe (median) | anchor / ours |")
     print("|---|---|---|")
     ours = statistics.median(times[f"ours/{probes}"])
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", default="mlp,cnn,resnet", help="comma list of mlp, cnn, resnet")
     parser.add_argument("--resnet-activation", default="silu")
+    parser.add_argument("--hvp-route", default="auto", choices=["auto", "func", "autograd"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -133,12 +135,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if "mlp" in cases:
         run_case("digits MLP 64-48-48-10 tanh", mlp(64, (48, 48), 10, "tanh").to(args.device, dtype),
-                 batches, args.probes, args.rounds, args.device)
+                 batches, args.probes, args.rounds, args.device, args.hvp_route)
     torch.manual_seed(0)
     if "cnn" in cases:
         run_case("small CNN (8, 16 channels, tanh) on digits",
                  cnn(1, 8, (8, 16), 10, "tanh").to(args.device, dtype),
-                 batches, args.probes, args.rounds, args.device)
+                 batches, args.probes, args.rounds, args.device, args.hvp_route)
     if "resnet" in cases:
         torch.manual_seed(0)
         act = args.resnet_activation
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         x = torch.randn(args.resnet_inputs, 3, 32, 32, generator=gen).to(args.device, dtype)
         y = torch.randint(0, 10, (args.resnet_inputs,), generator=gen).to(args.device)
         run_case(f"ResNet-18 (CIFAR, width 64, {act}, BN eval) on {args.resnet_inputs} 32×32 inputs",
-                 model, [(x, y)], args.resnet_probes, args.resnet_rounds, args.device)
+                 model, [(x, y)], args.resnet_probes, args.resnet_rounds, args.device, args.hvp_route)
     return 0
 
 

@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", c
 from ._version import __version__  # noqa: E402
 from .activations import RCTAF, get_activation, psi_max  # noqa: E402
 from .api import hessian_diagonal, measure  # noqa: E402
+from .compat import twice_differentiable  # noqa: E402
 from .errors import HessdiagError  # noqa: E402
 from .estimators import ESTIMATORS, EstimatorOptions, get_estimator  # noqa: E402
 from .objective import Objective  # noqa: E402
@@ -39,5 +40,6 @@ __all__ = [
     "measure",
     "normalized_norm",
     "psi_max",
+    "twice_differentiable",
     "validate_inputs",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .compat import twice_differentiable
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator, select_estimator
 from .extras import compute_extras, parse_extras
@@ -48,6 +49,7 @@ def measure(
     device: torch.device | str | None = None,
     batch_size: int | None = 512,
     chunk_size: int = 32,
+    hvp_route: str = "auto",
     max_params: int | None = None,
     force: bool = False,
     checkpoint: str | None = None,
@@ -71,6 +73,11 @@ def measure(
         batch_size: batch size when ``data`` is a pair of tensors; does not change the
             result beyond float rounding.
         chunk_size: probes per vectorized HVP; bounds peak memory.
+        hvp_route: how Hessian-vector products are formed: ``"auto"`` (default:
+            ``vmap(jvp(grad))``, falling back to double backward, with one warning, only
+            for a model torch.func refuses), ``"func"`` or ``"autograd"`` (double
+            backward); see :meth:`hessdiag.objective.Objective.batch_hvp`. The route that
+            ran is reported in ``Result.hvp_route`` (``hvp_fallback``: why it fell back).
         max_params, force: parameter budget of exact estimators.
         checkpoint: a label recorded in the result document.
         split_ggn: also compute the exact GGN diagonal d_GGN (BackPACK ``DiagGGNExact``
@@ -86,6 +93,10 @@ def measure(
         progress: called with the number of examples of each batch processed (over all
             data passes), e.g. a tqdm bar's ``update``.
 
+    Every forward pass runs under :func:`hessdiag.compat.twice_differentiable`, so that
+    Hardswish/Hardsigmoid (MobileNetV3), fused attention (``nn.TransformerEncoder``, ViTs,
+    BERT) and LSTMs can be differentiated twice; the model itself is not modified.
+
     Raises:
         HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
             Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
@@ -96,29 +107,31 @@ def measure(
     check_device(device)
     parse_extras(extras)  # reject a bad request before any work
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
-                          batch_size=batch_size, chunk_size=chunk_size)
-    validate_objective(objective)
-    selection = None
-    if chosen.name == "auto":
-        chosen, selection = select_estimator(objective, options)
-    if progress is not None:
-        objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
-    start = time.perf_counter()
-    known: tuple[dict[str, Tensor], str] | None = None
-    if split_ggn and not chosen.exact:
-        # Before probing: the probes then also give the residual's unbiased norm and
-        # interval (DiagonalEstimate.residual_statistics), and hutchinson-ggn reuses it.
-        known = ggn_diagonal(objective)
-    estimate = chosen.estimate(objective, known_ggn=None if known is None else known[0])
-    for name, block in estimate.diagonal.items():
-        if not bool(torch.isfinite(block).all()):
-            raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
-    if known is None and "ggn" in estimate.info:  # the analytic MLP path computed it exactly
-        known = (estimate.info["ggn"],  # type: ignore[assignment]
-                 str(estimate.info.get("method", chosen.name)))
-    split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None
-    context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
-    seconds = time.perf_counter() - start
+                          batch_size=batch_size, chunk_size=chunk_size,
+                          hvp_route=hvp_route)
+    with twice_differentiable():
+        validate_objective(objective)
+        selection = None
+        if chosen.name == "auto":
+            chosen, selection = select_estimator(objective, options)
+        if progress is not None:
+            objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
+        start = time.perf_counter()
+        known: tuple[dict[str, Tensor], str] | None = None
+        if split_ggn and not chosen.exact:
+            # Before probing: the probes then also give the residual's unbiased norm and
+            # interval (DiagonalEstimate.residual_statistics), and hutchinson-ggn reuses it.
+            known = ggn_diagonal(objective)
+        estimate = chosen.estimate(objective, known_ggn=None if known is None else known[0])
+        for name, block in estimate.diagonal.items():
+            if not bool(torch.isfinite(block).all()):
+                raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
+        if known is None and "ggn" in estimate.info:  # the analytic MLP path computed it exactly
+            known = (estimate.info["ggn"],  # type: ignore[assignment]
+                     str(estimate.info.get("method", chosen.name)))
+        split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None
+        context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
+        seconds = time.perf_counter() - start
     return Result.from_estimate(
         estimate,
         estimator=chosen.name,
@@ -131,6 +144,8 @@ def measure(
         split=split,
         extras=context,
         selection=selection,
+        hvp_route=objective.hvp_route_used,
+        hvp_fallback=objective.hvp_fallback,
     )
 
 

@@ -66,7 +66,7 @@ def _extras(text: str) -> str:
 
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import ESTIMATORS
-    from .objective import LOSSES
+    from .objective import HVP_ROUTES, LOSSES
 
     p.add_argument("--data", metavar="SPEC",
                    help="digits | tensors:PATH | npz:PATH | cifar10:DIR | cifar100:DIR "
@@ -88,6 +88,10 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
                    help="PyHessian context metrics: trace[:PROBES],top-eig[:K] (needs hessdiag[pyhessian])")
     p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--hvp-route", default="auto", choices=HVP_ROUTES,
+                   help="Hessian-vector products by vmap(jvp(grad)) (func), double backward "
+                        "(autograd), or auto: func, falling back to autograd only where "
+                        "torch.func refuses the model (default: auto)")
     p.add_argument("--max-params", type=_positive_int, help="parameter budget of the exact estimator")
     p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
     p.add_argument("--json", metavar="PATH", help="write the result document (SPEC §5) atomically")
@@ -151,7 +155,8 @@ def _measure(args: argparse.Namespace) -> int:
         result = measure(
             model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
-            batch_size=args.batch_size, max_params=args.max_params, force=args.force,
+            batch_size=args.batch_size, hvp_route=args.hvp_route,
+            max_params=args.max_params, force=args.force,
             checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
             extras=args.extras, progress=progress,
         )

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .compat import twice_differentiable
 from .errors import HessdiagError
 from .objective import Objective, batch_mean_loss, default_dtype
 
@@ -104,7 +105,8 @@ def compute_extras(
 
     result: dict[str, Any] = {}
     count = 0
-    with default_dtype(objective.dtype), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with default_dtype(objective.dtype), torch.random.fork_rng(devices=[]), \
+            warnings.catch_warnings(), twice_differentiable():
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
         torch.manual_seed(seed)  # PyHessian draws its power-iteration start from the global RNG
         h = hessian(net, criterion, dataloader=batches, cuda=objective.device.type == "cuda")

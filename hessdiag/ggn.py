@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from .errors import HessdiagError, first_line
+from .compat import func_unsupported_reason
+from .errors import HessdiagError
 from .objective import Objective, ParamDict
 
 GGNMethod = Literal["auto", "tape", "backpack", "func"]
@@ -89,9 +90,12 @@ def _func_ggn_diagonal(objective: Objective) -> ParamDict:
     try:
         return objective.ggn_diagonal()
     except (RuntimeError, NotImplementedError) as err:
+        reason = func_unsupported_reason(err)  # anything else (out of memory, ...) propagates
+        if reason is None:
+            raise
         raise HessdiagError(
             "the exact GGN diagonal needs a model BackPACK can traverse or torch.func can "
-            f"differentiate per example ({first_line(err, 120)}); "
+            f"differentiate per example ({reason[:120]}); "
             "use an estimator without it (hutchinson, exact) and no --split-ggn"
         ) from None
 

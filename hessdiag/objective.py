@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .errors import HessdiagError, first_line
+from .compat import double_backward_unsupported_reason, func_unsupported_reason, twice_differentiable
+from .errors import HessdiagError
 
 LossName = Literal["ce", "mse"]
 LOSSES: tuple[str, ...] = ("ce", "mse")
@@ -42,8 +42,8 @@ GGN_MEMORY_NUMBERS = 10_000_000
 """The exact GGN diagonal holds examples × C × P numbers at once; by default it vmaps
 examples·P ≈ this many (64 examples for the digits MLP, 1 for ResNet-18)."""
 
-TIMING_PROBES = 16
-"""Probes on which the first HVP call times the two routes (see Objective.batch_hvp)."""
+HVP_ROUTES: tuple[str, ...] = ("auto", "func", "autograd")
+"""How :meth:`Objective.hvp` forms Hessian-vector products (see :meth:`Objective.batch_hvp`)."""
 
 
 class ObjectiveError(HessdiagError):
@@ -176,6 +176,13 @@ class Objective:
         device: compute device; default: the parameters' device.
         batch_size: batch size used when ``data`` is an ``(x, y)`` pair.
         chunk_size: probes per vmapped HVP call; bounds the peak memory.
+        hvp_route: ``"auto"`` (default), ``"func"`` or ``"autograd"``: how :meth:`hvp`
+            forms its products (:meth:`batch_hvp`). After the first product,
+            ``hvp_route_used`` says which route ran and ``hvp_fallback`` why ``"auto"``
+            left ``"func"`` (``None`` if it did not).
+
+    Every forward pass runs under :func:`hessdiag.compat.twice_differentiable`, so that
+    Hardswish, fused attention and RNN kernels can be differentiated twice.
     """
 
     def __init__(
@@ -188,9 +195,13 @@ class Objective:
         device: torch.device | str | None = None,
         batch_size: int | None = 256,
         chunk_size: int = 32,
+        hvp_route: str = "auto",
     ) -> None:
         if loss not in LOSSES:
             raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+        if hvp_route not in HVP_ROUTES:
+            raise ObjectiveError(
+                f"unknown HVP route {hvp_route!r}; choose one of {', '.join(HVP_ROUTES)}")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ObjectiveError("the model has no trainable parameters")
@@ -211,7 +222,9 @@ class Objective:
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self.numels = {n: p.numel() for n, p in self.params.items()}
         self.num_params = sum(self.numels.values())
-        self.hvp_path: str | None = None  # "func" or "autograd"; chosen on the first HVP
+        self.hvp_route = hvp_route
+        self.hvp_route_used: str | None = None  # "func" or "autograd" once a product ran
+        self.hvp_fallback: str | None = None  # why "auto" switched to "autograd"
         self.num_examples: int | None = None  # known after the first pass
 
     # -- data ---------------------------------------------------------------------------
@@ -240,8 +253,15 @@ class Objective:
     # -- functional loss ----------------------------------------------------------------
 
     def forward(self, params: ParamDict, x: Tensor) -> Tensor:
-        """Model output f(x; params) with the constants (buffers, frozen parameters) bound."""
-        return functional_call(self.model, {**params, **self.constants}, (x,))
+        """Model output f(x; params) with the constants (buffers, frozen parameters) bound.
+
+        Parameters tied in the model (one tensor in several modules, listed once by
+        ``named_parameters()``) stay tied: ``functional_call``'s ``tie_weights=True``
+        substitutes the one entry of ``params`` everywhere, so derivatives are taken
+        with respect to the shared tensor.
+        """
+        with twice_differentiable():
+            return functional_call(self.model, {**params, **self.constants}, (x,))
 
     def batch_loss(self, params: ParamDict, x: Tensor, y: Tensor) -> Tensor:
         """Batch-mean loss ℓ̄_b(params); a scalar."""
@@ -261,11 +281,9 @@ class Objective:
         """H·V for a stack of K vectors ``{name: [K, *shape]}`` over all measured data.
 
         One pass over the data; within each batch the K probes are processed in chunks
-        of ``chunk_size`` (default: the objective's) through ``vmap(jvp(grad))``
-        (forward-over-reverse) or by double backward, whichever the first call measured
-        faster (:meth:`batch_hvp`). Larger chunks amortize per-call overhead at the price
-        of ``chunk × batch``-sized activations. Models the functional transforms cannot
-        handle fall back, once and with a warning, to double backward.
+        of ``chunk_size`` (default: the objective's) by :meth:`batch_hvp`, on the route
+        ``hvp_route`` selects. Larger chunks amortize per-call overhead at the price of
+        ``chunk × batch``-sized activations.
         """
         return self._accumulate(vectors, self.batch_hvp, chunk_size)
 
@@ -293,54 +311,68 @@ class Objective:
     def batch_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
         """H_b·V for one batch's mean loss ℓ̄_b and a chunk of probes ``{name: [k, *shape]}``.
 
-        Two routes give the same product: ``vmap(jvp(grad))`` (forward-over-reverse, the
-        chunk's tangents batched) and double backward sharing one ``create_graph``
-        gradient among the chunk's probes. Which is faster depends on the model and
-        hardware (on 2 CPU cores: vmap by 10× for a small MLP, double backward by 1.3×
-        for ResNet-18), so the first call times both on (part of) its chunk and keeps the faster
-        (``hvp_path``); a model the functional transforms cannot handle falls back to
-        double backward with one warning.
+        Two routes give the same product up to rounding: ``"func"``, ``vmap(jvp(grad))``
+        (forward-over-reverse, the chunk's tangents batched), and ``"autograd"``, double
+        backward sharing one ``create_graph`` gradient among the chunk's probes. The
+        route is fixed, never chosen by timing, so the same inputs and seed give the same
+        bits in every run:
+
+        - ``"auto"`` (default) runs ``"func"``: on 2 CPU cores about 10× faster than
+          double backward on a small MLP, where per-call overhead dominates, and within
+          about 1.3× of it (either way) on ResNet-18 (``docs/benchmarks.md``); no model
+          property we know of predicts double backward to win clearly, so there is no
+          second rule. Only when torch.func refuses the model with one of the errors of
+          :data:`hessdiag.compat.FUNC_UNSUPPORTED_MESSAGES` (an operator without a
+          forward-mode derivative or batching rule, a custom ``autograd.Function``
+          without ``jvp``, a buffer written in forward, ...) does it switch to
+          ``"autograd"`` for good, with one ``RuntimeWarning`` naming the reason, kept
+          in ``hvp_fallback``. Any other error, out-of-memory included, propagates.
+        - ``"func"``: torch.func only; a model it refuses is an :class:`ObjectiveError`.
+        - ``"autograd"``: double backward only.
+
+        A model that double backward cannot differentiate twice either (an operator
+        without a second derivative) is an :class:`ObjectiveError` naming the operator.
         """
-        if self.hvp_path is None:
-            return self._choose_hvp_path(chunk, x, y)
-        if self.hvp_path == "func":
-            try:
-                return self._func_hvp(chunk, x, y)
-            except (RuntimeError, NotImplementedError) as err:
-                self._fall_back(err)
-        return self._autograd_hvp(chunk, x, y)
-
-    def _fall_back(self, err: Exception) -> None:
-        warnings.warn(
-            f"torch.func HVPs failed for this model ({first_line(err, 120)}); "
-            "falling back to double backward",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        self.hvp_path = "autograd"
-
-    def _choose_hvp_path(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        if self.hvp_route == "autograd" or self.hvp_fallback is not None:
+            return self._double_backward(chunk, x, y)
         try:
-            product = self._func_hvp(chunk, x, y)  # also warms up the vmapped kernels
+            product = self._func_hvp(chunk, x, y)
         except (RuntimeError, NotImplementedError) as err:
-            self._fall_back(err)
-            return self._autograd_hvp(chunk, x, y)
-        # Time both routes on at most TIMING_PROBES probes, so a large first chunk (the
-        # exact estimator's blocks) costs at most twice that extra once per objective.
-        sample = {k: v[:TIMING_PROBES] for k, v in chunk.items()}
-        timings = {}
-        for path, run in (("autograd", self._autograd_hvp), ("func", self._func_hvp)):
-            self._synchronize()
-            start = time.perf_counter()
-            run(sample, x, y)
-            self._synchronize()
-            timings[path] = time.perf_counter() - start
-        self.hvp_path = min(timings, key=timings.__getitem__)
+            reason = func_unsupported_reason(err)
+            if reason is None:
+                raise
+            if self.hvp_route == "func":
+                raise ObjectiveError(
+                    f"hvp_route 'func': torch.func cannot differentiate this model ({reason[:160]}); "
+                    "use hvp_route 'auto' or 'autograd'"
+                ) from err
+            self._fall_back(reason)
+            return self._double_backward(chunk, x, y)
+        self.hvp_route_used = "func"
         return product
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _fall_back(self, reason: str) -> None:
+        warnings.warn(
+            f"torch.func HVPs are not supported for this model ({reason[:160]}); "
+            "falling back to double backward",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        self.hvp_fallback = reason
+
+    def _double_backward(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
+        try:
+            product = self._autograd_hvp(chunk, x, y)
+        except (RuntimeError, NotImplementedError) as err:
+            reason = double_backward_unsupported_reason(err)
+            if reason is None:
+                raise
+            func = f"; torch.func: {self.hvp_fallback[:120]}" if self.hvp_fallback else ""
+            raise ObjectiveError(
+                f"this model cannot be differentiated twice (double backward: {reason[:160]}{func})"
+            ) from err
+        self.hvp_route_used = "autograd"
+        return product
 
     def _func_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
         gradient: Callable[[ParamDict], ParamDict] = grad(lambda p: self.batch_loss(p, x, y))
@@ -375,7 +407,9 @@ class Objective:
         loss with respect to them; per probe one JVP, one loss-HVP and one VJP. Same
         chunking and single data pass as :meth:`hvp`.
         """
-        return self._accumulate(vectors, self._batch_ggn_vp, chunk_size)
+        product = self._accumulate(vectors, self._batch_ggn_vp, chunk_size)
+        self.hvp_route_used = "func"  # this product has no double-backward route
+        return product
 
     def _batch_ggn_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
         output, pullback = vjp(lambda p: self.forward(p, x), self.params)
@@ -394,7 +428,9 @@ class Objective:
         fixed (MATH.md §4.2), so each probe costs one forward-over-reverse product of a
         linear-in-outputs function — the price of one HVP, not of an HVP plus a GGN-VP.
         """
-        return self._accumulate(vectors, self._batch_residual_vp, chunk_size)
+        product = self._accumulate(vectors, self._batch_residual_vp, chunk_size)
+        self.hvp_route_used = "func"  # this product has no double-backward route
+        return product
 
     def _batch_residual_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
         with torch.no_grad():

@@ -83,6 +83,8 @@ class Result:
     ggn_method: str | None = None
     method: str | None = None
     selection: str | None = None
+    hvp_route: str | None = None
+    hvp_fallback: str | None = None
     extras: dict[str, Any] | None = None
     diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -103,6 +105,8 @@ class Result:
         split: GGNSplit | None = None,
         extras: dict[str, Any] | None = None,
         selection: str | None = None,
+        hvp_route: str | None = None,
+        hvp_fallback: str | None = None,
     ) -> Result:
         """Assemble totals and per-layer norms from an estimator's output.
 
@@ -114,6 +118,11 @@ class Result:
         stochastic estimate without residual statistics (it was not given the GGN) falls
         back to the plug-in norm of d̂ − d_GGN, biased upward by the probe noise, and
         ``residual_ci95`` stays ``None``.
+
+        ``hvp_route``: how the second-order products ran (``"func"`` or ``"autograd"``;
+        ``None`` when none ran), ``hvp_fallback``: torch.func's refusal when the
+        ``"auto"`` route fell back to double backward
+        (:meth:`hessdiag.objective.Objective.batch_hvp`).
         """
         diag = estimate.diagonal
         stats = estimate.norm_statistics
@@ -173,6 +182,8 @@ class Result:
             ggn_method=None if split is None else split.method,
             method=str(estimate.info["method"]) if "method" in estimate.info else None,
             selection=selection,
+            hvp_route=hvp_route,
+            hvp_fallback=hvp_fallback,
             ggn_diagonal=None if split is None else split.ggn,
             residual_diagonal=None if split is None else split.residual,
             extras=extras,
@@ -188,6 +199,8 @@ class Result:
             "estimator": self.estimator,
             "method": self.method,
             "selection": self.selection,
+            "hvp_route": self.hvp_route,
+            "hvp_fallback": self.hvp_fallback,
             "loss": self.loss,
             "num_params": self.num_params,
             "num_examples": self.num_examples,
@@ -254,12 +267,18 @@ class Result:
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         how = f" ({self.method})" if self.method else ""
-        extra = f"estimator={self.estimator}{how}  loss={self.loss}  N={self.num_examples:,}  " \
-                f"dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
+        extra = f"estimator={self.estimator}{how}  {self._route()}loss={self.loss}  " \
+                f"N={self.num_examples:,}  dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
         chosen = [f"chosen by auto: {self.selection}"] if self.selection else []
         return "\n".join(lines + [extra] + chosen + self._extras_lines())
+
+    def _route(self) -> str:
+        """``hvp-route=func  `` (with ``(fallback)`` after a fall back), or nothing."""
+        if self.hvp_route is None:
+            return ""
+        return f"hvp-route={self.hvp_route}{' (fallback)' if self.hvp_fallback else ''}  "
 
     def _extras_lines(self) -> list[str]:
         if not self.extras:
@@ -285,7 +304,9 @@ class Result:
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
         )
         return (f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-                f"<p>estimator={html.escape(self.estimator)}, loss={html.escape(self.loss)}, "
+                f"<p>estimator={html.escape(self.estimator)}, "
+                f"{html.escape(self._route().strip())}{', ' if self.hvp_route else ''}"
+                f"loss={html.escape(self.loss)}, "
                 f"N={self.num_examples}, HVPs={self.hvps}</p>")
 
     def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:

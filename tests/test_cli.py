@@ -111,3 +111,15 @@ def test_demo_prints_table_and_total(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "1.weight" in out and "5,962" in out
+
+
+@pytest.mark.parametrize("route, ran", [(None, "func"), ("func", "func"), ("autograd", "autograd")])
+def test_hvp_route_flag_is_recorded(route, ran, small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "route.json"
+    args = ["measure", str(small_checkpoint), "--max-examples", "20", "--estimator", "hutchinson",
+            "--samples", "5", "--json", str(out)] + (["--hvp-route", route] if route else [])
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["hvp_route"] == ran and doc["hvp_fallback"] is None
+    assert f"hvp-route={ran}  " in capsys.readouterr().out
+    assert run_cli(args[:2] + ["--hvp-route", "fastest"]) == 2

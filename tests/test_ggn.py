@@ -192,7 +192,7 @@ def test_ggn_of_a_model_neither_backpack_nor_torch_func_handles_is_a_one_line_us
             return self.inner(x)
 
     def refuse(self, examples_per_chunk=None):
-        raise NotImplementedError("vmap over this op is not implemented\nsecond line")
+        raise NotImplementedError("Batching rule not implemented for aten::foo.\nsecond line")
 
     monkeypatch.setattr(Objective, "ggn_diagonal", refuse)
     objective = Objective(Opaque(), tiny_classification, dtype=torch.float64)

@@ -32,6 +32,7 @@ from torch import nn
 from backpack import backpack, extend
 from backpack.extensions.backprop_extension import BackpropExtension
 
+from ..compat import twice_differentiable
 from ..errors import first_line
 from ..estimators.base import EstimatorError
 from ..objective import Objective, ParamDict, default_dtype, loss_target
@@ -152,7 +153,7 @@ def backpack_diagonal(
     lossfunc = _loss_module(objective.loss)
     total = {n: torch.zeros_like(objective.params[n]) for n in names.values()}
     for x, y, n_b in objective.batches():
-        with torch.enable_grad():  # measure() may be called under torch.no_grad()
+        with torch.enable_grad(), twice_differentiable():  # measure() may run under no_grad()
             output = net(x)
         if output.dim() != 2:
             raise BackpackUnsupportedError(

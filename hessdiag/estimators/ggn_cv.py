@@ -24,7 +24,7 @@ import time
 import torch
 from torch import Tensor
 
-from ..errors import first_line
+from ..compat import func_unsupported_reason
 from ..ggn import ggn_diagonal
 from ..objective import Objective
 from .base import DiagonalEstimate, EstimatorError
@@ -54,9 +54,12 @@ class GGNHutchinsonEstimator(ProbeEstimator):
             try:
                 return residual(probes)
             except (RuntimeError, NotImplementedError) as err:  # no double-backward route here
+                reason = func_unsupported_reason(err)  # anything else (out of memory, ...) propagates
+                if reason is None:
+                    raise
                 raise EstimatorError(
                     f"{self.name}: the fused residual product needs torch.func forward-mode AD "
-                    f"({first_line(err, 100)}); use hutchinson"
+                    f"({reason[:100]}); use hutchinson"
                 ) from None
 
         return base, product, 0, info

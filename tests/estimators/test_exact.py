@@ -142,7 +142,7 @@ def test_double_backward_fallback_matches(monkeypatch):
     x, y = image_data()
 
     def broken(self, *args):
-        raise NotImplementedError("no functorch support in this test")
+        raise NotImplementedError("Trying to use forward AD with aten::foo that does not support it")
 
     monkeypatch.setattr(Objective, "_func_hvp", broken)
     with pytest.warns(RuntimeWarning, match="falling back to double backward"):

@@ -210,7 +210,7 @@ def test_models_without_forward_mode_ad(tiny_classification, monkeypatch):
     from hessdiag.objective import Objective
 
     def broken(self, *args):
-        raise NotImplementedError("no forward-mode AD in this test")
+        raise NotImplementedError("Trying to use forward AD with aten::foo that does not support it")
 
     monkeypatch.setattr(Objective, "_func_hvp", broken)
     monkeypatch.setattr(Objective, "_batch_residual_vp", broken)
