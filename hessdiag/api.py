@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -10,11 +11,12 @@ from torch import Tensor, nn
 
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator
+from .estimators.hutchinson import ProbeEstimator
 from .extras import compute_extras, parse_extras
 from .ggn import ggn_diagonal, split_diagonal
 from .objective import Objective
 from .progress import Progress, ProgressBatches
-from .result import Result
+from .result import Result, RtolBudget, UnresolvedEstimateWarning
 from .validation import check_device, validate_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -83,6 +85,15 @@ def measure(
         progress: called with the number of examples of each batch processed (over all
             data passes), e.g. a tqdm bar's ``update``.
 
+    Unresolved estimates. When a stochastic estimate's total (or, with ``split_ggn``, the
+    GGN residual's) 95 % interval is wider than ±50 % of it on the norm scale, or its
+    unbiased squared norm is ≤ 0, ``Result.resolved`` (``residual_resolved``) is ``False``
+    and an :class:`~hessdiag.result.UnresolvedEstimateWarning` says so in one line, with
+    the budget the observed variance implies for ``rtol`` (``Result.rtol_budget``): the
+    jackknife variance scales like 1/probes, so a relative half-width h after n probes
+    implies n·(h/rtol)² probes (:func:`hessdiag.stats.probes_for_rtol`), plus the
+    estimator's sketch HVPs.
+
     Raises:
         HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
             Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
@@ -113,7 +124,7 @@ def measure(
     split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None
     context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
     seconds = time.perf_counter() - start
-    return Result.from_estimate(
+    result = Result.from_estimate(
         estimate,
         estimator=estimator,
         loss=loss,
@@ -125,6 +136,14 @@ def measure(
         split=split,
         extras=context,
     )
+    probes = result.probes_for_rtol(rtol)
+    if probes is not None and isinstance(chosen, ProbeEstimator):
+        result.rtol_budget = RtolBudget(rtol, chosen.budget_for_probes(probes.probes),
+                                        probes.at_least)
+    message = result.resolution_warning()
+    if message is not None:
+        warnings.warn(message, UnresolvedEstimateWarning, stacklevel=2)
+    return result
 
 
 def hessian_diagonal(
