@@ -5,6 +5,7 @@ Public API (SPEC §6)::
     import hessdiag
     res = hessdiag.measure(model, (x, y), loss="ce", estimator="exact", dtype="float64")
     res.normalized_norm, res.ci95, res.per_layer, res.to_json(), res.plot()
+    res.resolved                                           # False: interval too wide (and a warning)
     diag = hessdiag.hessian_diagonal(model, (x, y))        # {name: Tensor}
     hessdiag.RCTAF(n=1, alpha=14.0).psi_max                 # 7.0
     hessdiag.psi_max(torch.nn.GELU())                       # 0.7979
@@ -22,7 +23,7 @@ from .compat import twice_differentiable  # noqa: E402
 from .errors import HessdiagError  # noqa: E402
 from .estimators import ESTIMATORS, EstimatorOptions, get_estimator  # noqa: E402
 from .objective import Objective  # noqa: E402
-from .result import LayerResult, Result, normalized_norm  # noqa: E402
+from .result import LayerResult, Result, UnresolvedEstimateWarning, normalized_norm  # noqa: E402
 from .validation import validate_inputs  # noqa: E402
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "LayerResult",
     "Objective",
     "Result",
+    "UnresolvedEstimateWarning",
     "__version__",
     "get_activation",
     "get_estimator",

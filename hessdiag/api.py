@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -11,11 +12,12 @@ from torch import Tensor, nn
 from .compat import twice_differentiable
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator, select_estimator
+from .estimators.hutchinson import ProbeEstimator
 from .extras import compute_extras, parse_extras
 from .ggn import ggn_diagonal, split_diagonal
 from .objective import Objective
 from .progress import Progress, ProgressBatches
-from .result import Result
+from .result import Result, RtolBudget, UnresolvedEstimateWarning
 from .validation import check_device, validate_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -97,6 +99,15 @@ def measure(
     Hardswish/Hardsigmoid (MobileNetV3), fused attention (``nn.TransformerEncoder``, ViTs,
     BERT) and LSTMs can be differentiated twice; the model itself is not modified.
 
+    Unresolved estimates. When a stochastic estimate's total (or, with ``split_ggn``, the
+    GGN residual's) 95 % interval is wider than ±50 % of it on the norm scale, or its
+    unbiased squared norm is ≤ 0, ``Result.resolved`` (``residual_resolved``) is ``False``
+    and an :class:`~hessdiag.result.UnresolvedEstimateWarning` says so in one line, with
+    the budget the observed variance implies for ``rtol`` (``Result.rtol_budget``): the
+    jackknife variance scales like 1/probes, so a relative half-width h after n probes
+    implies n·(h/rtol)² probes (:func:`hessdiag.stats.probes_for_rtol`), plus the
+    estimator's sketch HVPs.
+
     Raises:
         HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
             Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
@@ -132,7 +143,7 @@ def measure(
         split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None
         context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
         seconds = time.perf_counter() - start
-    return Result.from_estimate(
+    result = Result.from_estimate(
         estimate,
         estimator=chosen.name,
         loss=loss,
@@ -147,6 +158,14 @@ def measure(
         hvp_route=objective.hvp_route_used,
         hvp_fallback=objective.hvp_fallback,
     )
+    probes = result.probes_for_rtol(rtol)
+    if probes is not None and isinstance(chosen, ProbeEstimator):
+        result.rtol_budget = RtolBudget(rtol, chosen.budget_for_probes(probes.probes),
+                                        probes.at_least)
+    message = result.resolution_warning()
+    if message is not None:
+        warnings.warn(message, UnresolvedEstimateWarning, stacklevel=2)
+    return result
 
 
 def hessian_diagonal(

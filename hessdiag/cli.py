@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import HessdiagError, first_line
+
+if TYPE_CHECKING:
+    from .result import Result
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
@@ -138,8 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _measure(args: argparse.Namespace) -> int:
+def _measure_reporting_later(*args: Any, **kwargs: Any) -> Result:
+    """:func:`hessdiag.measure` with its UnresolvedEstimateWarning held back (the filter is
+    scoped to this call; other warnings pass unchanged): :func:`_report_unresolved` prints
+    it as one line once the table is out."""
     from .api import measure
+    from .result import UnresolvedEstimateWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnresolvedEstimateWarning)
+        return measure(*args, **kwargs)
+
+
+def _report_unresolved(result: Result) -> None:
+    """The one-line ``hessdiag: warning:`` on stderr for an unresolved total or residual."""
+    message = result.resolution_warning()
+    if message is not None:
+        sys.stdout.flush()  # after the table, also when both streams go to one file
+        print(f"hessdiag: warning: {message}", file=sys.stderr)
+
+
+def _measure(args: argparse.Namespace) -> int:
     from .io import load_checkpoint, load_data
     from .output import check_outputs, write_json, write_plot
     from .progress import progress_bar
@@ -152,7 +175,7 @@ def _measure(args: argparse.Namespace) -> int:
     data = load_data(spec, split=args.split, max_examples=args.max_examples)
     terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     with progress_bar(enabled=terminal and not args.quiet) as progress:
-        result = measure(
+        result = _measure_reporting_later(
             model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
             batch_size=args.batch_size, hvp_route=args.hvp_route,
@@ -160,7 +183,8 @@ def _measure(args: argparse.Namespace) -> int:
             checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
             extras=args.extras, progress=progress,
         )
-    print(f"{result.normalized_norm:.6g}" if args.quiet else result.table())
+    print(result.total_text() if args.quiet else result.table())
+    _report_unresolved(result)
     if args.json:
         write_json(result, args.json)
     if args.plot:
@@ -188,7 +212,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .api import measure
     from .demo import DEMO_CHECKPOINT, bundled_checkpoint
     from .io import load_checkpoint, load_data
 
@@ -201,9 +224,11 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"hessdiag demo: {path.name} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"test accuracy {meta.get('test_accuracy', float('nan')):.3f}), "
           f"{len(data[1])} test examples, float64")
-    result = measure(model, data, loss=meta.get("loss", "ce"), estimator=args.estimator,
-                     dtype="float64", checkpoint=str(path))
+    result = _measure_reporting_later(model, data, loss=meta.get("loss", "ce"),
+                                      estimator=args.estimator, dtype="float64",
+                                      checkpoint=str(path))
     print(result.table())
+    _report_unresolved(result)
     return EXIT_OK
 
 

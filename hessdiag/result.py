@@ -5,6 +5,13 @@ root-mean-square of the diagonal; per parameter tensor ("layer") ‖d_block‖�
 Stochastic estimators supply unbiased squared norms with intervals; exact ones report a
 zero-width interval ``[x, x]``. The same holds for the residual d_res = d − d_GGN of the
 GGN split (``residual_ci95``); d_GGN itself is always exact.
+
+Unresolved estimates. A stochastic norm is *resolved* when its unbiased squared norm is
+positive and its 95 % interval's half-width on the norm scale is at most half the
+estimate (:func:`hessdiag.stats.is_resolved`); exact norms always are. An unresolved norm
+keeps its numbers (``normalized_norm`` clipped at 0, ``ci95``, the raw ``sq_norm`` and
+``sq_norm_ci95``) with ``resolved = False``, and the table prints it as ``< hi``, the
+interval's upper end, instead of a number (docs/cli.md, "Output").
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import Tensor
 from ._version import __version__
 from .estimators.base import DiagonalEstimate, NormStatistics
 from .ggn import GGNSplit
+from .stats import RESOLVED_HALF_WIDTH, ProbeBudget, is_resolved, probes_for_rtol
 
 
 
@@ -40,7 +48,11 @@ def _rms(sq_norm: float, num_params: int) -> float:
 
 @dataclass
 class LayerResult:
-    """Normalized norm of one parameter tensor's block of the diagonal."""
+    """Normalized norm of one parameter tensor's block of the diagonal.
+
+    ``resolved``, ``sq_norm``, ``sq_norm_ci95`` (and the ``residual_`` ones) as in
+    :class:`Result`; the residual's are ``None`` without a split or without an interval.
+    """
 
     name: str
     num_params: int
@@ -49,6 +61,33 @@ class LayerResult:
     ggn_normalized_norm: float | None = None
     residual_normalized_norm: float | None = None
     residual_ci95: tuple[float, float] | None = None
+    resolved: bool = True
+    sq_norm: float | None = None
+    sq_norm_ci95: tuple[float, float] | None = None
+    residual_resolved: bool | None = None
+    residual_sq_norm: float | None = None
+    residual_sq_norm_ci95: tuple[float, float] | None = None
+
+
+class UnresolvedEstimateWarning(UserWarning):
+    """A stochastic estimate's 95 % interval is too wide to resolve its normalized norm.
+
+    :func:`hessdiag.measure` issues it, in one line with the budget the observed variance
+    implies for ``rtol``, when the total or the GGN residual is unresolved
+    (:meth:`Result.resolution_warning`). Silence it locally with
+    ``warnings.catch_warnings()`` if ``Result.resolved`` is checked instead.
+    """
+
+
+@dataclass(frozen=True)
+class RtolBudget:
+    """The budget (``samples``, in HVPs as the estimator counts them) that the variance of
+    a run implies for a relative 95 % half-width ``rtol``; ``at_least``: a lower bound
+    (:func:`hessdiag.stats.probes_for_rtol`)."""
+
+    rtol: float
+    hvps: int
+    at_least: bool
 
 
 def _exact_statistics(diagonal: dict[str, Tensor]) -> dict[str, NormStatistics]:
@@ -58,9 +97,37 @@ def _exact_statistics(diagonal: dict[str, Tensor]) -> dict[str, NormStatistics]:
     return {k: NormStatistics(v, (v, v)) for k, v in sq.items()}
 
 
+def _listed(pair: tuple[float, float] | None) -> list[float] | None:
+    return None if pair is None else list(pair)
+
+
+def _value_cell(value: float, ci: tuple[float, float] | None, resolved: bool | None) -> str:
+    """A norm for the table: the number when resolved, else ``< hi`` (the 95 % upper end)."""
+    if resolved is False and ci is not None:
+        return f"< {ci[1]:.6g}"
+    return f"{value:.6g}"
+
+
+_WIDE = f"±{RESOLVED_HALF_WIDTH * 100:g} %"
+
+
+def _describe(label: str, value: float, ci: tuple[float, float], sq_norm: float | None) -> str:
+    """An unresolved norm in words, for the one-line warning."""
+    if sq_norm is not None and sq_norm <= 0:
+        return f"{label} < {ci[1]:.3g} (unbiased squared norm {sq_norm:.3g} ≤ 0)"
+    return f"{label} {value:.3g}, 95 % interval [{ci[0]:.3g}, {ci[1]:.3g}] (wider than {_WIDE})"
+
+
 @dataclass
 class Result:
-    """A measurement: what the CLI prints and writes, and what the Python API returns."""
+    """A measurement: what the CLI prints and writes, and what the Python API returns.
+
+    Besides the norms: ``resolved`` (see the module docstring; always ``True`` for exact
+    estimators), ``sq_norm`` (the unbiased ‖d‖², which may be negative by chance) and its
+    95 % interval ``sq_norm_ci95``, the same for the GGN residual (``residual_resolved``,
+    ``None`` without an interval), and for stochastic runs of :func:`hessdiag.measure`
+    ``rtol_budget``, the budget the observed variance implies for the requested ``rtol``.
+    """
 
     estimator: str
     loss: str
@@ -86,6 +153,13 @@ class Result:
     hvp_route: str | None = None
     hvp_fallback: str | None = None
     extras: dict[str, Any] | None = None
+    resolved: bool = True
+    sq_norm: float | None = None
+    sq_norm_ci95: tuple[float, float] | None = None
+    residual_resolved: bool | None = None
+    residual_sq_norm: float | None = None
+    residual_sq_norm_ci95: tuple[float, float] | None = None
+    rtol_budget: RtolBudget | None = None
     diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -126,6 +200,7 @@ class Result:
         """
         diag = estimate.diagonal
         stats = estimate.norm_statistics
+        stochastic = stats is not None
         if stats is None:  # exact: squared norms straight from the diagonal
             stats = _exact_statistics(diag)
         sizes = {name: d.numel() for name, d in diag.items()}
@@ -134,9 +209,13 @@ class Result:
         def interval(s: NormStatistics, p: int) -> tuple[float, float]:
             return (_rms(s.ci95[0], p), _rms(s.ci95[1], p))
 
+        def resolved(s: NormStatistics) -> bool:
+            return is_resolved(s) if stochastic else True
+
         layers = [
             LayerResult(name, sizes[name], _rms(stats[name].sq_norm, sizes[name]),
-                        interval(stats[name], sizes[name]))
+                        interval(stats[name], sizes[name]), resolved=resolved(stats[name]),
+                        sq_norm=stats[name].sq_norm, sq_norm_ci95=stats[name].ci95)
             for name in diag
         ]
         residual_stats = estimate.residual_statistics
@@ -148,15 +227,18 @@ class Result:
                 if residual_stats is None:  # plug-in, see the docstring
                     layer.residual_normalized_norm = normalized_norm(split.residual[layer.name])
                 else:
-                    layer.residual_normalized_norm = _rms(residual_stats[layer.name].sq_norm,
-                                                          layer.num_params)
-                    layer.residual_ci95 = interval(residual_stats[layer.name], layer.num_params)
-        residual_norm = residual_ci95 = None
+                    block = residual_stats[layer.name]
+                    layer.residual_normalized_norm = _rms(block.sq_norm, layer.num_params)
+                    layer.residual_ci95 = interval(block, layer.num_params)
+                    layer.residual_resolved = resolved(block)
+                    layer.residual_sq_norm, layer.residual_sq_norm_ci95 = block.sq_norm, block.ci95
+        residual_norm = residual_ci95 = residual_total = None
         if split is not None and residual_stats is None:
             residual_norm = normalized_norm(split.residual)
         elif split is not None:
-            residual_norm = _rms(residual_stats["total"].sq_norm, total_p)
-            residual_ci95 = interval(residual_stats["total"], total_p)
+            residual_total = residual_stats["total"]
+            residual_norm = _rms(residual_total.sq_norm, total_p)
+            residual_ci95 = interval(residual_total, total_p)
         total = stats["total"]
         naive = None if total.naive_sq_norm is None else _rms(total.naive_sq_norm, total_p)
         return cls(
@@ -187,7 +269,53 @@ class Result:
             ggn_diagonal=None if split is None else split.ggn,
             residual_diagonal=None if split is None else split.residual,
             extras=extras,
+            resolved=resolved(total),
+            sq_norm=total.sq_norm,
+            sq_norm_ci95=total.ci95,
+            residual_resolved=None if residual_total is None else resolved(residual_total),
+            residual_sq_norm=None if residual_total is None else residual_total.sq_norm,
+            residual_sq_norm_ci95=None if residual_total is None else residual_total.ci95,
         )
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def probes_for_rtol(self, rtol: float) -> ProbeBudget | None:
+        """Probes the observed variance implies for a relative half-width ``rtol`` of the
+        total and (when it has an interval) the GGN residual: the larger of the two
+        (:func:`hessdiag.stats.probes_for_rtol`), a lower bound if either is one; ``None``
+        for exact estimators."""
+        if self.samples is None:
+            return None
+        budgets = [probes_for_rtol(sq, ci, self.samples, rtol)
+                   for sq, ci in ((self.sq_norm, self.sq_norm_ci95),
+                                  (self.residual_sq_norm, self.residual_sq_norm_ci95))
+                   if sq is not None and ci is not None]
+        budgets = [b for b in budgets if b is not None]
+        if not budgets:
+            return None
+        return ProbeBudget(max(b.probes for b in budgets), any(b.at_least for b in budgets))
+
+    def resolution_warning(self) -> str | None:
+        """One line naming the unresolved totals and the budget ``rtol`` needs (``rtol_budget``);
+        ``None`` when the total and the residual (if it has an interval) are resolved."""
+        parts = []
+        if not self.resolved:
+            parts.append(_describe("‖d‖/√P", self.normalized_norm, self.ci95, self.sq_norm))
+        if self.residual_resolved is False:
+            parts.append(_describe("residual", self.residual_normalized_norm or 0.0,
+                                   self.residual_ci95 or (0.0, 0.0), self.residual_sq_norm))
+        if not parts:
+            return None
+        text = f"{self.estimator}: unresolved after {self.hvps:,} HVPs: " + "; ".join(parts)
+        budget = self.rtol_budget
+        if budget is None:
+            return text + "; raise the budget (--samples / samples=)"
+        how = "at least" if budget.at_least else "about"
+        text += (f"; rtol {budget.rtol:g} needs {how} {budget.hvps:,} HVPs by the observed "
+                 f"variance (--samples {budget.hvps} / samples={budget.hvps})")
+        if budget.hvps >= self.num_params:
+            text += f", the exact estimator at most {self.num_params:,}"
+        return text
 
     # -- serialization ------------------------------------------------------------------
 
@@ -218,13 +346,19 @@ class Result:
             "residual_ci95": None if self.residual_ci95 is None else list(self.residual_ci95),
             "ggn_method": self.ggn_method,
             "extras": self.extras,
+            "resolved": self.resolved,
+            "sq_norm": self.sq_norm,
+            "sq_norm_ci95": _listed(self.sq_norm_ci95),
+            "residual_resolved": self.residual_resolved,
+            "residual_sq_norm": self.residual_sq_norm,
+            "residual_sq_norm_ci95": _listed(self.residual_sq_norm_ci95),
+            "rtol_budget": None if self.rtol_budget is None else asdict(self.rtol_budget),
             "per_layer": [],
         }
         for layer in self.per_layer:
             entry = asdict(layer)
-            entry["ci95"] = list(layer.ci95)
-            if layer.residual_ci95 is not None:
-                entry["residual_ci95"] = list(layer.residual_ci95)
+            for key in ("ci95", "residual_ci95", "sq_norm_ci95", "residual_sq_norm_ci95"):
+                entry[key] = _listed(entry[key])
             doc["per_layer"].append(entry)
         return doc
 
@@ -242,15 +376,16 @@ class Result:
         head += ("residual 95%",) if res_ci else ()
         rows = [head]
         entries = [(l.name, l.num_params, l.normalized_norm, l.ci95, l.ggn_normalized_norm,
-                    l.residual_normalized_norm, l.residual_ci95) for l in self.per_layer]
+                    l.residual_normalized_norm, l.residual_ci95, l.resolved,
+                    l.residual_resolved) for l in self.per_layer]
         entries.append(("total", self.num_params, self.normalized_norm, self.ci95,
                         self.ggn_normalized_norm, self.residual_normalized_norm,
-                        self.residual_ci95))
-        for name, num, value, ci, ggn, res, rci in entries:
-            row = (name, f"{num:,}", f"{value:.6g}", f"[{ci[0]:.6g}, {ci[1]:.6g}]")
+                        self.residual_ci95, self.resolved, self.residual_resolved))
+        for name, num, value, ci, ggn, res, rci, ok, res_ok in entries:
+            row = (name, f"{num:,}", _value_cell(value, ci, ok), f"[{ci[0]:.6g}, {ci[1]:.6g}]")
             if split:
                 row += (f"{ggn:.6g}" if ggn is not None else "-",
-                        f"{res:.6g}" if res is not None else "-")
+                        _value_cell(res, rci, res_ok) if res is not None else "-")
             if res_ci:
                 row += (f"[{rci[0]:.6g}, {rci[1]:.6g}]" if rci is not None else "-",)
             rows.append(row)
@@ -272,13 +407,36 @@ class Result:
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
         chosen = [f"chosen by auto: {self.selection}"] if self.selection else []
-        return "\n".join(lines + [extra] + chosen + self._extras_lines())
+        return "\n".join(lines + [extra] + chosen + self._legend() + self._extras_lines())
 
     def _route(self) -> str:
         """``hvp-route=func  `` (with ``(fallback)`` after a fall back), or nothing."""
         if self.hvp_route is None:
             return ""
         return f"hvp-route={self.hvp_route}{' (fallback)' if self.hvp_fallback else ''}  "
+
+
+    def any_unresolved(self) -> bool:
+        """Whether any norm in the table (total, layer, residual) is unresolved."""
+        flags = [self.resolved, self.residual_resolved]
+        for layer in self.per_layer:
+            flags += [layer.resolved, layer.residual_resolved]
+        return any(flag is False for flag in flags)
+
+    def _legend(self) -> list[str]:
+        if not self.any_unresolved():
+            return []
+        line = (f"< x: unresolved (95 % interval wider than {_WIDE} of the estimate, or unbiased "
+                f"squared norm ≤ 0); x is the interval's upper end")
+        budget = self.rtol_budget
+        if budget is not None and (not self.resolved or self.residual_resolved is False):
+            how = "at least" if budget.at_least else "about"
+            line += f"; rtol {budget.rtol:g} needs {how} {budget.hvps:,} HVPs"
+        return [line]
+
+    def total_text(self) -> str:
+        """The total normalized norm as ``--quiet`` prints it: a number, or ``< hi``."""
+        return _value_cell(self.normalized_norm, self.ci95, self.resolved)
 
     def _extras_lines(self) -> list[str]:
         if not self.extras:
@@ -303,11 +461,12 @@ class Result:
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
         )
+        legend = "".join(f"<p>{html.escape(line)}</p>" for line in self._legend())
         return (f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
                 f"<p>estimator={html.escape(self.estimator)}, "
                 f"{html.escape(self._route().strip())}{', ' if self.hvp_route else ''}"
                 f"loss={html.escape(self.loss)}, "
-                f"N={self.num_examples}, HVPs={self.hvps}</p>")
+                f"N={self.num_examples}, HVPs={self.hvps}</p>{legend}")
 
     def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
         """Per-layer bar chart of the normalized norm with 95 % intervals.
@@ -328,9 +487,16 @@ class Result:
         values = [l.normalized_norm for l in self.per_layer]
         lower = [l.normalized_norm - l.ci95[0] for l in self.per_layer]
         upper = [l.ci95[1] - l.normalized_norm for l in self.per_layer]
-        ax.bar(range(len(names)), values, yerr=[lower, upper], capsize=3, color="tab:blue")
-        ax.axhline(self.normalized_norm, color="tab:red", ls="--",
-                   label=f"total {self.normalized_norm:.4g}")
+        colors = ["tab:blue" if l.resolved else "lightgray" for l in self.per_layer]
+        bars = ax.bar(range(len(names)), values, yerr=[lower, upper], capsize=3, color=colors)
+        unresolved = [bar for bar, l in zip(bars, self.per_layer) if not l.resolved]
+        for bar in unresolved:
+            bar.set_hatch("//")
+        if unresolved:
+            unresolved[0].set_label("unresolved: only the upper end is known")
+        total = (f"total {self.normalized_norm:.4g}" if self.resolved
+                 else f"total < {self.ci95[1]:.4g} (unresolved)")
+        ax.axhline(self.normalized_norm, color="tab:red", ls="--", label=total)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("‖diag H‖₂ / √P")
         ax.set_title(f"Hessian diagonal per tensor ({self.estimator}, {self.loss})")

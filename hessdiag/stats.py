@@ -18,6 +18,12 @@ many probes are drawn, so the statistics stay bounded on large networks.
 
 All quantities are kept per parameter block (and summed for the total), so per-layer
 norms come with their own intervals.
+
+Resolution. An estimate is *resolved* when T > 0 and the interval's half-width on the
+norm scale is at most :data:`RESOLVED_HALF_WIDTH` of the estimate (:func:`is_resolved`);
+otherwise only the interval's upper end says something about the norm. The variance
+observed so far implies how many probes a target precision needs
+(:func:`probes_for_rtol`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ import torch
 from torch import Tensor
 
 from .estimators.base import NormStatistics
+
+RESOLVED_HALF_WIDTH = 0.5
+"""An estimate whose 95 % half-width on the norm scale exceeds this fraction of it is unresolved."""
+
+MAX_PROBES = 10**9
+"""Cap of :func:`probes_for_rtol` (an estimate near zero would otherwise ask for ~∞)."""
 
 DEFAULT_GROUPS = 16
 """Jackknife groups: 15 degrees of freedom for the t quantile at (G+1)·P memory."""
@@ -63,6 +75,59 @@ def half_width_on_norm(stats: NormStatistics) -> float:
         return math.inf
     lo, hi = stats.ci95
     return (math.sqrt(max(hi, 0.0)) - math.sqrt(max(lo, 0.0))) / (2.0 * root)
+
+
+def is_resolved(stats: NormStatistics) -> bool:
+    """T > 0 and a 95 % half-width on the norm scale of at most :data:`RESOLVED_HALF_WIDTH` × √T."""
+    return stats.sq_norm > 0 and half_width_on_norm(stats) <= RESOLVED_HALF_WIDTH
+
+
+@dataclass(frozen=True)
+class ProbeBudget:
+    """Probes that a target precision needs; ``at_least``: a lower bound, not an estimate."""
+
+    probes: int
+    at_least: bool
+
+
+def _round_up(value: float) -> int:
+    """``value`` rounded up to an integer with at most two significant digits (5,234 → 5,300)."""
+    whole = math.ceil(value)
+    step = 10 ** max(len(str(whole)) - 2, 0)
+    return -(-whole // step) * step
+
+
+def probes_for_rtol(
+    sq_norm: float, ci95: tuple[float, float], samples: int, rtol: float
+) -> ProbeBudget | None:
+    """Probes for a 95 % half-width of ``rtol`` × the normalized norm, by the observed variance.
+
+    The jackknife variance of the unbiased squared norm T scales like 1/n in the number n
+    of probes, so the interval's half-width H = (hi − lo)/2 shrinks like 1/√n. On the norm
+    scale (√T, delta method) the half-width relative to the estimate is h = H/(2T). So n
+    probes at relative half-width h imply
+
+        n′ = n · (h / rtol)²
+
+    probes for relative half-width ``rtol``. T is the estimate when the interval excludes
+    zero (lo > 0). Otherwise the norm may be arbitrarily small, and T is taken at the
+    interval's upper end hi: the probes needed if the norm were as large as the interval
+    allows, a lower bound (``at_least``). ``None`` when hi ≤ 0 (no scale to aim at).
+    n′ is rounded up to two significant digits, is at least 3 (what the statistics need)
+    and at most :data:`MAX_PROBES` (then also ``at_least``).
+    """
+    if samples < 1 or not rtol > 0:
+        raise ValueError(f"need samples ≥ 1 and rtol > 0, got {samples} and {rtol}")
+    lo, hi = ci95
+    if not hi > 0:
+        return None
+    at_least = not lo > 0
+    reference = hi if at_least else sq_norm
+    relative = (hi - lo) / (4.0 * reference)
+    needed = samples * (relative / rtol) ** 2
+    if not needed < MAX_PROBES:
+        return ProbeBudget(MAX_PROBES, True)
+    return ProbeBudget(max(3, _round_up(needed)), at_least)
 
 
 @dataclass

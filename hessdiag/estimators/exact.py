@@ -18,10 +18,15 @@ batch (:func:`hessdiag.curvature_tape.tape_ggn_diagonal`) for a network of any s
 
 ``info["method"]`` says which path ran (``"analytic-mlp"``, ``"piecewise-linear: …"`` or
 ``"basis-hvp"``). The parameter budget applies to the HVP path only.
+
+Refusal. Above the budget the HVP path refuses at once, in one line, with a time
+estimate that runs no HVP at all (:meth:`ExactEstimator.estimated_seconds`): the cost
+model below, timed on plain gradients of at most 64 examples of the first batch.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -37,9 +42,27 @@ DEFAULT_MAX_PARAMS = 8_000
 """About a minute on 2 CPU cores over the 1797 digits examples (measured: the 5,962-parameter
 digits MLP takes 46 s in float64; the cost grows like P² for a fixed architecture family)."""
 
+HVP_GRADIENTS = 1.0
+"""Cost model: the basis-HVP run costs about this many plain gradients (forward +
+backward) per basis vector and example. One HVP costs more than one gradient, but the
+vectorized blocks share work across probes. Measured on 2 CPU cores, the run's time over
+P·N·g (g: the gradient's time per example, timed as in ``estimated_seconds``) is
+0.9-1.1 for small CNNs on the digits data (blocks of 128 probes, batches of 512); for
+ResNet-18 on CIFAR-sized inputs about 0.6-1.0 (docs/benchmarks.md: 43-51 ms per probe and
+example in chunks of 16, against g = 50-80 ms)."""
+
+TIMING_SECONDS = (0.05, 1.0)
+"""The timed gradient's batch doubles (1, 2, 4, ... examples) while its time stays
+overhead-bound, i.e. until a call takes at least the first value and doubling m has at
+least 1.6× its time, or a call takes the second value: per-call overhead is then
+amortized as in a real run, and large models stop after one or two examples."""
+
+TIMING_EXAMPLES = 64
+"""At most this many examples (and never more than the first batch) in a timed gradient."""
+
 
 def _format_seconds(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= 2 * size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.0f} s"
@@ -92,11 +115,7 @@ class ExactEstimator(Estimator):
         num = objective.num_params
         budget = self.options.max_params or DEFAULT_MAX_PARAMS
         if num > budget and not self.options.force:
-            raise EstimatorError(
-                f"exact: {num:,} parameters exceed the budget of {budget:,} "
-                f"(estimated {_format_seconds(self.estimated_seconds(objective))}); "
-                "use the hutchinson estimator, or force it (--force / force=True)"
-            )
+            raise EstimatorError(self.refusal(objective, budget))
         diagonal = torch.empty(num, dtype=objective.dtype, device=objective.device)
         for start in range(0, num, self.block_size):
             idx = torch.arange(start, min(start + self.block_size, num), device=objective.device)
@@ -114,27 +133,80 @@ class ExactEstimator(Estimator):
         hv = objective.flatten(objective.hvp(objective.unflatten(basis), chunk_size=len(idx)))
         return hv[rows, idx]
 
-    def estimated_seconds(self, objective: Objective) -> float:
-        """Wall time of the full run, extrapolated from one probe block on one batch.
+    def refusal(self, objective: Objective, budget: int) -> str:
+        """The one-line refusal above ``budget``: cost in HVPs, a time estimate, the way out."""
+        num = objective.num_params
+        examples, qualifier = _num_examples(objective)
+        cost = f"{num:,} HVPs over {qualifier}{examples:,} examples"
+        seconds = self.estimated_seconds(objective)
+        if seconds is not None:
+            cost = f"estimated {_format_seconds(seconds)}: {cost}"
+        return (f"exact: {num:,} parameters exceed the budget of {budget:,} ({cost}); "
+                "use the hutchinson estimator, or force it (--force / force=True)")
 
-        The block is run three times and the fastest of the last two timed: the first call of a torch.func
-        transform pays one-off tracing costs many times larger than a steady-state call.
+    def estimated_seconds(self, objective: Objective) -> float | None:
+        """Rough wall time of the basis-HVP run, from a cost model; runs no HVP.
+
+        The run costs P HVPs over all N examples; with the vectorized blocks that is
+        about :data:`HVP_GRADIENTS` plain gradients per basis vector and example, so
+
+            seconds ≈ HVP_GRADIENTS · P · N · g,
+
+        where g is the gradient's time per example, measured on the first m examples of
+        the first batch, m = 1, 2, 4, ... doubling as :data:`TIMING_SECONDS` says, up to
+        :data:`TIMING_EXAMPLES` or the batch size (the faster of two calls at each m,
+        after a warm-up call). Memory is that of one gradient on m examples. Read the
+        result as an order of magnitude: the ratio of the real run to P·N·g varies by
+        about 2× between models, and a busy machine inflates g. ``None`` if the gradient
+        fails.
         """
-        x, y, _ = next(objective.batches())  # one batch suffices for a rate
-        probes = min(self.block_size, objective.num_params)
-        vectors = objective.unflatten(
-            torch.zeros(probes, objective.num_params, dtype=objective.dtype,
-                        device=objective.device)
-        )
-        timings = []
-        with evaluation_mode(objective.model):
-            for _ in range(3):
-                start = time.perf_counter()
-                objective.batch_hvp(vectors, x, y)
-                timings.append(time.perf_counter() - start)
-        per_probe_batch = min(timings[1:]) / probes
+        x, y, _ = next(objective.batches())
         try:
-            num_batches = len(objective.data)
-        except TypeError:
-            num_batches = 1
-        return per_probe_batch * num_batches * objective.num_params
+            per_example = _gradient_seconds_per_example(objective, x, y)
+        except (RuntimeError, NotImplementedError):
+            return None
+        examples, _ = _num_examples(objective)
+        return HVP_GRADIENTS * objective.num_params * examples * per_example
+
+
+def _num_examples(objective: Objective) -> tuple[int, str]:
+    """N and how sure it is (``""``, ``"about "``, ``"at least "``), without a data pass.
+
+    Known after any full pass (``measure`` validates the data first); otherwise the first
+    batch's size times the number of batches, or the first batch alone for data without
+    a length.
+    """
+    if objective.num_examples is not None:
+        return objective.num_examples, ""
+    first = int(next(objective.batches())[0].shape[0])
+    try:
+        return first * len(objective.data), "about "
+    except TypeError:
+        return first, "at least "
+
+
+def _gradient_seconds_per_example(objective: Objective, x: Tensor, y: Tensor) -> float:
+    """Seconds per example of a plain gradient of the batch loss (see ``estimated_seconds``)."""
+    params = {k: v.detach().requires_grad_(True) for k, v in objective.params.items()}
+
+    def run(m: int) -> float:
+        if objective.device.type == "cuda":
+            torch.cuda.synchronize(objective.device)
+        start = time.perf_counter()
+        loss = objective.batch_loss(params, x[:m], y[:m])
+        torch.autograd.grad(loss, list(params.values()))
+        if objective.device.type == "cuda":
+            torch.cuda.synchronize(objective.device)
+        return time.perf_counter() - start
+
+    limit = max(1, min(TIMING_EXAMPLES, int(x.shape[0])))
+    enough, too_long = TIMING_SECONDS
+    with evaluation_mode(objective.model):
+        run(1)  # warm-up: first-call costs (allocator, kernel selection)
+        m, previous = 1, math.inf
+        while True:
+            seconds = min(run(m), run(m))
+            linear = seconds >= enough and seconds >= 1.6 * previous
+            if linear or seconds >= too_long or m >= limit:
+                return seconds / m
+            m, previous = min(2 * m, limit), seconds

@@ -116,6 +116,18 @@ class ProbeEstimator(Estimator):
         """HVPs a subclass spends before probing, out of a total budget (default: none)."""
         return 0
 
+    def budget_for_probes(self, probes: int) -> int:
+        """The smallest budget (``samples``, HVPs) that leaves at least ``probes`` probes.
+
+        A budget B pays :meth:`sketch_budget` (B) HVPs before probing (``hutchinson``: its
+        rank-k sketch, 2k HVPs with k growing with B up to a cap); an exact GGN diagonal
+        that ``hutchinson-ggn`` computes is not part of its budget.
+        """
+        budget = probes + self.sketch_budget(probes)
+        while budget - self.sketch_budget(budget) < probes:  # the sketch grew with the budget
+            budget = probes + self.sketch_budget(budget)
+        return budget
+
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
     ) -> DiagonalEstimate:

@@ -1,11 +1,13 @@
 """The exact estimator against the independent float64 reference Hessian."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import hessdiag
-from hessdiag.estimators import EstimatorError, ExactEstimator
+from hessdiag.estimators import EstimatorError, EstimatorOptions, ExactEstimator
 from hessdiag.objective import Objective
 
 from ..models import tiny_mlp, tiny_cnn, image_data
@@ -99,6 +101,56 @@ def test_refuses_above_the_parameter_budget_and_says_how_long():
         hessdiag.measure(model, data, max_params=10)
     forced = hessdiag.measure(model, data, max_params=10, force=True)
     assert forced.hvps == forced.num_params
+
+
+def test_refusal_is_immediate_runs_no_hvp_and_no_full_batch(monkeypatch):
+    # A big batch: the old estimate timed a 128-probe HVP block on all of it (ResNet-18 on
+    # a 512-batch ran out of memory before refusing). Now: no HVP, small gradients only.
+    from hessdiag.estimators import exact
+
+    hvp_calls, loss_batches = [], []
+    batch_hvp, batch_loss = Objective.batch_hvp, Objective.batch_loss
+
+    def counting_hvp(self, chunk, x, y):
+        hvp_calls.append(x.shape[0])
+        return batch_hvp(self, chunk, x, y)
+
+    def counting_loss(self, params, x, y):
+        loss_batches.append(x.shape[0])
+        return batch_loss(self, params, x, y)
+
+    monkeypatch.setattr(Objective, "batch_hvp", counting_hvp)
+    monkeypatch.setattr(Objective, "batch_loss", counting_loss)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4096, 1, 5, 5, generator=g), torch.randint(0, 3, (4096,), generator=g)
+    with pytest.raises(EstimatorError) as info:
+        hessdiag.measure(tiny_cnn(), (x, y), batch_size=4096, max_params=10)
+    message = str(info.value)
+    assert hvp_calls == []
+    assert loss_batches and max(loss_batches) <= exact.TIMING_EXAMPLES
+    assert "\n" not in message
+    assert re.fullmatch(
+        r"exact: [\d,]+ parameters exceed the budget of 10 \(estimated [^)]+: [\d,]+ HVPs over "
+        r"4,096 examples\); use the hutchinson estimator, or force it \(--force / force=True\)",
+        message), message
+
+
+def test_cost_model_of_the_refusal(monkeypatch):
+    # seconds ≈ HVP_GRADIENTS · P · N · g, with g the timed gradient's seconds per example;
+    # before any data pass N is first batch × batches ("about").
+    from hessdiag.estimators import exact
+
+    monkeypatch.setattr(exact, "_gradient_seconds_per_example", lambda objective, x, y: 1e-3)
+    objective = Objective(tiny_cnn(), image_data(n=10), "ce", batch_size=4)
+    estimator = ExactEstimator(EstimatorOptions(max_params=10))
+    expected = exact.HVP_GRADIENTS * objective.num_params * 12 * 1e-3
+    assert estimator.estimated_seconds(objective) == pytest.approx(expected)
+    assert f"HVPs over about 12 examples" in estimator.refusal(objective, 10)
+    list(objective.batches())  # a full pass counts the examples exactly
+    assert estimator.estimated_seconds(objective) == pytest.approx(expected * 10 / 12)
+    assert "HVPs over 10 examples" in estimator.refusal(objective, 10)
+    with pytest.raises(EstimatorError, match="exceed the budget of 10"):
+        estimator.estimate(objective)
 
 
 def test_analytic_mlp_path_ignores_the_budget_and_spends_no_hvps(tiny_classification):
