@@ -36,11 +36,17 @@ import torch
 from torch import Tensor
 
 from ..curvature_tape import TapedBatch, TapeError
-from ..objective import Objective
+from ..objective import Objective, evaluation_mode
 from ..stats import ProbeStatistics, half_width_on_norm
 from ..structure import NetworkStructure
-from .base import DiagonalEstimate, Estimator, EstimatorError
+from .base import DiagonalEstimate, Estimator, EstimatorError, EstimatorOptions
 from .structural import objective_structure
+
+ALLOCATIONS = ("proportional", "uniform")
+
+GGN_EXACT_MAX_CLASSES = 32
+"""Up to this many outputs the GGN diagonal is exact (C backward passes per batch, once);
+beyond, each replicate adds one Monte-Carlo pass instead."""
 
 ROUND = 16
 """Replicates per pass over the data: one per jackknife group, so the first interval
@@ -57,6 +63,21 @@ class CurvpropEstimator(Estimator):
 
     name = "curvprop"
     exact = False
+
+    def __init__(self, options: EstimatorOptions | None = None, *,
+                 allocation: str = "proportional", ggn: str = "auto") -> None:
+        """``allocation``: ``"proportional"`` (draws per example ∝ its curvature mass
+        Σᵤ|cₙ,ᵤ|) or ``"uniform"`` (one draw per example); ``ggn``: ``"exact"`` (C passes
+        per batch), ``"mc"`` (one pass per replicate with Qξ, ξ Rademacher) or ``"auto"``
+        (exact up to :data:`GGN_EXACT_MAX_CLASSES` outputs)."""
+        super().__init__(options)
+        if allocation not in ALLOCATIONS:
+            raise EstimatorError(f"curvprop: allocation must be one of {', '.join(ALLOCATIONS)}")
+        if ggn not in ("auto", "exact", "mc"):
+            raise EstimatorError("curvprop: ggn must be auto, exact or mc")
+        self.allocation = allocation
+        self.ggn = ggn
+        self._mc = False
 
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
@@ -85,14 +106,16 @@ class CurvpropEstimator(Estimator):
         if known_ggn is not None:
             ggn = objective.flatten({k: known_ggn[k].to(objective.dtype).unsqueeze(0)
                                      for k in objective.numels})[0]
+        mode = "none" if ggn is not None else self._ggn_mode(objective)
         stats: ProbeStatistics | None = None
-        passes = 0
+        passes = 0.0
         while stats is None or stats.count < target:
             take = min(ROUND, target - (0 if stats is None else stats.count))
-            replicates, ggn_sums, spent = self._round(objective, generator, take, ggn is None)
+            replicates, ggn_sums, spent = self._round(objective, generator, take, mode)
             passes += spent
-            if ggn is None:
+            if ggn_sums is not None:
                 ggn = objective.flatten({k: v.unsqueeze(0) for k, v in ggn_sums.items()})[0]
+                mode = "none"  # exact once is enough
             if stats is None:
                 stats = ProbeStatistics(sizes, ggn, device=objective.device)
             if replicates is None:  # no smooth activation: the GGN diagonal is the answer
@@ -100,10 +123,14 @@ class CurvpropEstimator(Estimator):
             stats.add(replicates)
             if opts.samples is None and half_width_on_norm(stats.statistics()["total"]) <= opts.rtol:
                 break
+        if ggn is None:  # Monte-Carlo GGN: every replicate estimated all of d
+            ggn = torch.zeros(objective.num_params, dtype=objective.dtype, device=objective.device)
         assert stats is not None and ggn is not None
         info: dict[str, object] = {
             "method": f"curvprop: {structure.reason}",
-            "backward_passes": passes,
+            "backward_passes": round(passes, 2),
+            "ggn": "monte-carlo" if self._mc else "exact",
+            "allocation": self.allocation,
             "seconds": time.perf_counter() - start,
         }
         if stats.count == 0:  # piecewise linear: exact
@@ -119,42 +146,94 @@ class CurvpropEstimator(Estimator):
             hvps=0,
             samples=stats.count,
             norm_statistics=statistics,
-            residual_statistics=stats.statistics(base=torch.zeros_like(ggn)),
+            residual_statistics=None if self._mc else stats.statistics(base=torch.zeros_like(ggn)),
             info=info,
         )
 
+    def _ggn_mode(self, objective: Objective) -> str:
+        """``"exact"`` or ``"mc"`` for this objective's number of outputs (``self.ggn``)."""
+        if self.ggn != "auto":
+            self._mc = self.ggn == "mc"
+        else:
+            x, _, _ = next(objective.batches())
+            with evaluation_mode(objective.model), torch.no_grad():
+                outputs = objective.forward(objective.params, x[:1]).shape[-1]
+            self._mc = outputs > GGN_EXACT_MAX_CLASSES
+        return "mc" if self._mc else "exact"
+
     def _round(self, objective: Objective, generator: torch.Generator, replicates: int,
-               with_ggn: bool) -> tuple[Tensor | None, dict[str, Tensor], int]:
-        """One pass over the data: ``replicates`` residual estimates [R, P] (``None`` when the
-        network has no smooth activation), the GGN diagonal when asked, and passes spent."""
+               ggn_mode: str) -> tuple[Tensor | None, dict[str, Tensor] | None, float]:
+        """One pass over the data: ``replicates`` estimates [R, P] of d − b (``None`` when
+        the network has no smooth activation and the GGN is exact), the exact GGN diagonal
+        when ``ggn_mode == "exact"``, and the backward passes spent (in passes over all data)."""
         num = objective.num_params
         estimates = torch.zeros(replicates, num, dtype=objective.dtype, device=objective.device)
         ggn = {n: torch.zeros_like(p) for n, p in objective.params.items()}
-        passes, any_sites = 0, False
-        for x, y, _ in objective.batches():
+        rows, any_sites = 0.0, False
+        for x, y, n in objective.batches():
             batch = TapedBatch(objective, x, y)
-            if with_ggn:
+            if ggn_mode == "exact":
                 for name, value in batch.ggn_squares().items():
                     ggn[name] += value
+                rows += batch.num_classes * n
+            elif ggn_mode == "mc":
+                for row in range(replicates):
+                    signs = _rademacher_like(generator, batch.loss_grad)
+                    probe = torch.einsum("nck,nk->nc", batch.factor, signs)
+                    estimates[row] += self._flat(objective, batch.output_squares(probe))
+                rows += replicates * n
             if not batch.sites:
                 continue
             any_sites = True
             batch.loss_gradient()
-            coefficients = [site.coefficient() for site in batch.sites]
-            positive = [c.clamp(min=0).sqrt() for c in coefficients]
-            negative = [(-c).clamp(min=0).sqrt() for c in coefficients]
+            rows += n
             for row in range(replicates):
-                signs = [_rademacher_like(generator, c) for c in coefficients]
-                up = batch.injected_squares([s * p for s, p in zip(signs, positive)])
-                down = batch.injected_squares([s * m for s, m in zip(signs, negative)])
-                difference = {k: up.get(k, 0) - down.get(k, 0) for k in set(up) | set(down)}
-                estimates[row] += self._flat(objective, difference)
+                rows += self._residual_draw(objective, generator, batch, x, y, estimates[row])
         count = objective.num_examples or 1
-        passes = (2 * replicates + 1) if any_sites else 0
-        if with_ggn:
-            passes += int(batch.num_classes)
-        return ((estimates / count) if any_sites else None,
-                {k: v / count for k, v in ggn.items()}, passes)
+        has_estimates = any_sites or ggn_mode == "mc"
+        return ((estimates / count) if has_estimates else None,
+                {k: v / count for k, v in ggn.items()} if ggn_mode == "exact" else None,
+                rows / count)
+
+    def _residual_draw(self, objective: Objective, generator: torch.Generator,
+                       batch: TapedBatch, x: Tensor, y: Tensor, into: Tensor) -> float:
+        """Add one draw of Σₙ Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)² over the batch to ``into`` (flat [P]);
+        returns the backward rows spent.
+
+        ``uniform``: one draw per example on the batch's own graph. ``proportional``:
+        example n gets mₙ draws with E mₙ = λₙ ∝ Σᵤ |cₙ,ᵤ| (on average one per example),
+        mₙ = ⌊λₙ⌋ + Bernoulli(λₙ − ⌊λₙ⌋), on a copy of the batch with example n repeated
+        mₙ times; the sum of its squares divided by λₙ is unbiased (Wald's identity), and
+        an example with c = 0 has no residual and needs no draw.
+        """
+        coefficients = [site.coefficient() for site in batch.sites]
+        target, weights = batch, None
+        if self.allocation == "proportional":
+            mass = sum(c.abs().reshape(batch.num, -1).sum(1) for c in coefficients)
+            total = float(mass.sum())
+            if total == 0.0:
+                return 0.0
+            expected = mass * (batch.num / total)
+            whole = expected.floor()
+            extra = torch.rand(batch.num, generator=generator, dtype=torch.float64)
+            draws = (whole + (extra.to(expected) < expected - whole).to(expected.dtype)).long()
+            index = torch.repeat_interleave(torch.arange(batch.num, device=draws.device), draws)
+            if index.numel() == 0:
+                return 0.0
+            target = TapedBatch(objective, x[index], y[index])
+            if len(target.sites) != len(batch.sites):
+                raise TapeError("the network's activations differ between two forward passes")
+            for site, original in zip(target.sites, batch.sites):
+                site.grad = original.grad[index]  # type: ignore[index]
+            coefficients = [site.coefficient() for site in target.sites]
+            weights = 1.0 / expected[index]
+        signs = [_rademacher_like(generator, c) for c in coefficients]
+        up = target.injected_squares([s * c.clamp(min=0).sqrt() for s, c in zip(signs, coefficients)],
+                                     weights)
+        down = target.injected_squares([s * (-c).clamp(min=0).sqrt()
+                                        for s, c in zip(signs, coefficients)], weights)
+        into += self._flat(objective, {k: up.get(k, 0) - down.get(k, 0) for k in set(up) | set(down)})
+        return 2.0 * target.num
 
     @staticmethod
     def _flat(objective: Objective, parts: dict[str, Tensor]) -> Tensor:
