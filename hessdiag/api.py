@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .compat import twice_differentiable
 from .errors import HessdiagError
 from .estimators import EstimatorOptions, get_estimator, select_estimator
+from .estimators.curvprop import CurvpropEstimator
 from .estimators.hutchinson import ProbeEstimator
 from .extras import compute_extras, parse_extras
 from .ggn import ggn_diagonal, split_diagonal
@@ -162,6 +163,8 @@ def measure(
     if probes is not None and isinstance(chosen, ProbeEstimator):
         result.rtol_budget = RtolBudget(rtol, chosen.budget_for_probes(probes.probes),
                                         probes.at_least)
+    elif probes is not None and isinstance(chosen, CurvpropEstimator):
+        result.rtol_budget = RtolBudget(rtol, probes.probes, probes.at_least, "replicates")
     message = result.resolution_warning()
     if message is not None:
         warnings.warn(message, UnresolvedEstimateWarning, stacklevel=2)

@@ -81,13 +81,14 @@ class UnresolvedEstimateWarning(UserWarning):
 
 @dataclass(frozen=True)
 class RtolBudget:
-    """The budget (``samples``, in HVPs as the estimator counts them) that the variance of
-    a run implies for a relative 95 % half-width ``rtol``; ``at_least``: a lower bound
-    (:func:`hessdiag.stats.probes_for_rtol`)."""
+    """The budget (``samples``, counted as the estimator counts it: ``unit``) that the
+    variance of a run implies for a relative 95 % half-width ``rtol``; ``at_least``: a lower
+    bound (:func:`hessdiag.stats.probes_for_rtol`)."""
 
     rtol: float
-    hvps: int
+    samples: int
     at_least: bool
+    unit: str = "HVPs"
 
 
 def _exact_statistics(diagonal: dict[str, Tensor]) -> dict[str, NormStatistics]:
@@ -306,14 +307,16 @@ class Result:
                                    self.residual_ci95 or (0.0, 0.0), self.residual_sq_norm))
         if not parts:
             return None
-        text = f"{self.estimator}: unresolved after {self.hvps:,} HVPs: " + "; ".join(parts)
         budget = self.rtol_budget
+        spent = (f"{self.samples:,} replicates" if budget is not None and budget.unit == "replicates"
+                 else f"{self.hvps:,} HVPs")
+        text = f"{self.estimator}: unresolved after {spent}: " + "; ".join(parts)
         if budget is None:
             return text + "; raise the budget (--samples / samples=)"
         how = "at least" if budget.at_least else "about"
-        text += (f"; rtol {budget.rtol:g} needs {how} {budget.hvps:,} HVPs by the observed "
-                 f"variance (--samples {budget.hvps} / samples={budget.hvps})")
-        if budget.hvps >= self.num_params:
+        text += (f"; rtol {budget.rtol:g} needs {how} {budget.samples:,} {budget.unit} by the "
+                 f"observed variance (--samples {budget.samples} / samples={budget.samples})")
+        if budget.unit == "HVPs" and budget.samples >= self.num_params:
             text += f", the exact estimator at most {self.num_params:,}"
         return text
 
@@ -431,7 +434,7 @@ class Result:
         budget = self.rtol_budget
         if budget is not None and (not self.resolved or self.residual_resolved is False):
             how = "at least" if budget.at_least else "about"
-            line += f"; rtol {budget.rtol:g} needs {how} {budget.hvps:,} HVPs"
+            line += f"; rtol {budget.rtol:g} needs {how} {budget.samples:,} {budget.unit}"
         return [line]
 
     def total_text(self) -> str:

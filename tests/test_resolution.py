@@ -111,6 +111,18 @@ def test_unresolved_layer_under_a_resolved_total():
     assert res.total_text() == f"{math.sqrt(7 / 5):.6g}"
 
 
+def test_curvprop_budget_is_counted_in_replicates():
+    from hessdiag.result import RtolBudget
+
+    stats = {"a.weight": NormStatistics(-1.0, (-3.0, 3.0)), "a.bias": NormStatistics(0.5, (0.0, 1.0)),
+             "total": NormStatistics(-0.5, (-3.0, 4.0))}
+    res = make(DiagonalEstimate(diagonal=DIAG, hvps=0, samples=16, norm_statistics=stats))
+    res.rtol_budget = RtolBudget(0.05, 900, True, "replicates")
+    message = res.resolution_warning()
+    assert "unresolved after 16 replicates" in message and "at least 900 replicates" in message
+    assert "HVPs" not in message and "needs at least 900 replicates" in res.table()
+
+
 def test_exact_results_are_resolved_even_where_the_diagonal_is_zero():
     res = make(DiagonalEstimate(diagonal=DIAG, hvps=5))
     assert res.resolved and all(l.resolved for l in res.per_layer)
@@ -151,7 +163,7 @@ def test_negative_unbiased_norm_is_unresolved_with_a_warning_and_a_budget(tiny_c
     assert res.sq_norm < 0 and res.normalized_norm == 0.0 and not res.resolved
     lo, hi = res.sq_norm_ci95
     expected = probes_for_rtol(res.sq_norm, (lo, hi), 3, 0.05)
-    assert expected.at_least and res.rtol_budget.hvps == expected.probes  # plain: no sketch
+    assert expected.at_least and res.rtol_budget.samples == expected.probes  # plain: no sketch
     assert re.fullmatch(
         rf"hutchinson-plain: unresolved after 3 HVPs: ‖d‖/√P < {res.ci95[1]:.3g} \(unbiased "
         rf"squared norm {res.sq_norm:.3g} ≤ 0\); rtol 0\.05 needs at least {expected.probes:,} "
@@ -174,11 +186,11 @@ def test_json_round_trip_keeps_the_numbers_and_the_flags(tiny_classification, tm
     assert doc["resolved"] is False
     assert doc["sq_norm"] == res.sq_norm and doc["sq_norm_ci95"] == list(res.sq_norm_ci95)
     assert doc["normalized_norm"] == res.normalized_norm and doc["ci95"] == list(res.ci95)
-    assert doc["rtol_budget"] == {"rtol": 0.05, "hvps": res.rtol_budget.hvps,
+    assert doc["rtol_budget"] == {"rtol": 0.05, "samples": res.rtol_budget.samples, "unit": "HVPs",
                                   "at_least": res.rtol_budget.at_least}
     # hutchinson: the budget includes the sketch, 2·min(32, budget // 4) HVPs.
     probes = res.probes_for_rtol(0.05).probes
-    assert res.rtol_budget.hvps == get_estimator("hutchinson").budget_for_probes(probes) > probes
+    assert res.rtol_budget.samples == get_estimator("hutchinson").budget_for_probes(probes) > probes
     for entry, layer in zip(doc["per_layer"], res.per_layer):
         assert entry["resolved"] == layer.resolved and entry["sq_norm"] == layer.sq_norm
         assert entry["sq_norm_ci95"] == list(layer.sq_norm_ci95)
@@ -217,7 +229,7 @@ def test_the_ggn_residual_gets_the_same_treatment(tiny_classification):
     # The budget covers whichever of total and residual needs more probes.
     need = max(probes_for_rtol(res.sq_norm, res.sq_norm_ci95, 4, 0.05).probes,
                probes_for_rtol(res.residual_sq_norm, res.residual_sq_norm_ci95, 4, 0.05).probes)
-    assert res.rtol_budget.hvps == need
+    assert res.rtol_budget.samples == need
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -237,7 +249,7 @@ def test_cli_marks_unresolved_rows_and_warns_once_on_stderr(small_checkpoint, tm
     captured = capsys.readouterr()
     doc = json.loads(out.read_text())
     assert doc["resolved"] is False and doc["rtol_budget"]["at_least"] is True
-    hvps = doc["rtol_budget"]["hvps"]
+    hvps = doc["rtol_budget"]["samples"]
     err = captured.err.splitlines()
     assert len(err) == 1 and err[0].startswith("hessdiag: warning: hutchinson-plain: unresolved after 4 HVPs: ")
     assert err[0].endswith(f"rtol 0.05 needs at least {hvps:,} HVPs by the observed variance "
