@@ -129,8 +129,9 @@ class ExactEstimator(Estimator):
                             device=objective.device)
         rows = torch.arange(len(idx), device=objective.device)
         basis[rows, idx] = 1.0
-        # One vmapped call per block and batch: per-call overhead dominates small nets.
-        hv = objective.flatten(objective.hvp(objective.unflatten(basis), chunk_size=len(idx)))
+        # One data pass per block; inside it the objective's chunk_size bounds how many
+        # probes go through one vmapped call (memory: chunk × batch activations).
+        hv = objective.flatten(objective.hvp(objective.unflatten(basis)))
         return hv[rows, idx]
 
     def refusal(self, objective: Objective, budget: int) -> str:
