@@ -109,3 +109,25 @@ def test_zoo_model_measures_end_to_end(name):
     for key, value in state.items():
         assert torch.equal(value, before[0][key]), key
     assert flags == before[1] and grads == before[2] and ids == before[3]
+
+
+AUTO_CHOICE = {"resnet18": "exact", "mobilenet_v3_small": "hutchinson", "vit_tiny": "hutchinson",
+               "convnext_atto": "hutchinson", "transformer_encoder": "hutchinson",
+               "bert": "hutchinson", "lstm": "hutchinson"}
+"""What the default estimator picks: ReLU ResNet-18 is piecewise linear (exact through the GGN
+diagonal); the others have attention, LayerNorm, gates or squeeze-excitation products."""
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_under_the_default_estimator(name):
+    build, shape = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randint(0, VOCAB, (2, TOKENS), generator=g) if shape == "tokens"
+         else torch.randn(2, *shape, generator=g))
+    result = hessdiag.measure(model, (x, torch.tensor([1, 7])), samples=5)
+    assert result.estimator == AUTO_CHOICE[name] and result.selection
+    assert all(bool(torch.isfinite(d).all()) for d in result.diagonal.values())
+    if result.estimator == "exact":
+        assert result.ci95[0] == result.ci95[1] == result.normalized_norm > 0
