@@ -175,7 +175,7 @@ class TapedBatch:
         self._anchor = torch.zeros((), dtype=objective.dtype, device=objective.device,
                                    requires_grad=True)
         with evaluation_mode(objective.model), torch.enable_grad(), self._tape:
-            output = objective.forward(params, x + self._anchor)
+            output = objective.model_forward(params, x + self._anchor)
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != self.num:
             raise TapeError("the model's output is not a [batch, outputs] tensor")
         for site in self._tape.sites:

@@ -261,7 +261,15 @@ class Objective:
         with respect to the shared tensor.
         """
         with twice_differentiable():
-            return functional_call(self.model, {**params, **self.constants}, (x,))
+            return self.model_forward(params, x)
+
+    def model_forward(self, params: ParamDict, x: Tensor) -> Tensor:
+        """:meth:`forward` without the :func:`~hessdiag.compat.twice_differentiable` layer:
+        every operation reaches an enclosing :class:`~torch.overrides.TorchFunctionMode` as
+        the model calls it (Hardswish as Hardswish), for the recorders of
+        :mod:`hessdiag.structure` and :mod:`hessdiag.curvature_tape`, which need only first
+        derivatives."""
+        return functional_call(self.model, {**params, **self.constants}, (x,))
 
     def batch_loss(self, params: ParamDict, x: Tensor, y: Tensor) -> Tensor:
         """Batch-mean loss ℓ̄_b(params); a scalar."""

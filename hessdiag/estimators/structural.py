@@ -24,7 +24,7 @@ def objective_structure(objective: Objective) -> NetworkStructure:
         x, _, _ = next(objective.batches())
         try:
             with evaluation_mode(objective.model):
-                found = network_structure(objective.forward, objective.params,
+                found = network_structure(objective.model_forward, objective.params,
                                           x[:STRUCTURE_EXAMPLES])
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
             # Not recordable: the general estimators run the model their own way and

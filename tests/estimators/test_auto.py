@@ -64,3 +64,17 @@ def test_measure_records_the_choice_in_json_and_table():
     explicit = hessdiag.measure(model, _images(2), estimator="exact", dtype="float64")
     assert explicit.selection is None
     assert explicit.normalized_norm == pytest.approx(res.normalized_norm, rel=1e-12)
+
+
+def test_hardswish_is_an_elementwise_activation_with_or_without_the_compat_layer():
+    """The compat layer rewrites Hardswish as x·clamp(x+3, 0, 6)/6 for double backward; the
+    structure recorder must still see one elementwise activation, not a product."""
+    from hessdiag.compat import twice_differentiable
+    from hessdiag.estimators.structural import objective_structure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Hardswish(inplace=True), nn.Linear(6, 3))
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    assert objective_structure(Objective(model, data)).kind == "elementwise"
+    with twice_differentiable():
+        assert objective_structure(Objective(model, data)).kind == "elementwise"
