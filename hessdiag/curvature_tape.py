@@ -181,6 +181,9 @@ class TapedBatch:
         for site in self._tape.sites:
             if site.version != site.z._version:
                 raise TapeError("a pre-activation was modified in place")
+        for call in self._tape.calls:
+            if call.version != call.inputs._version:
+                raise TapeError("an input of a layer was modified in place after the layer used it")
         self.output = output
         self.target = y
         detached = output.detach()

@@ -226,10 +226,10 @@ class _Recorder(TorchFunctionMode):
         elif func in SCALING_OPS:
             dependent = [v for v in leaves if v.requires_grad]
             divisor = _arg(args, kwargs, 1, "other", None)
-            if len(dependent) > 1:
-                self._mark_general(f"{name} multiplies two θ-dependent tensors")
-            elif func in (T.__truediv__, T.__itruediv__, T.div, T.div_, torch.div) and _depends(divisor):
+            if func in (T.__truediv__, T.__itruediv__, T.div, T.div_, torch.div) and _depends(divisor):
                 self._mark_general(f"{name} divides by a θ-dependent tensor")
+            elif len(dependent) > 1:
+                self._mark_general(f"{name} multiplies two θ-dependent tensors")
         elif func in PIECEWISE_LINEAR_OPS:
             self.piecewise[name] += 1
         elif elementwise_activation(func, args, kwargs) is not None:
