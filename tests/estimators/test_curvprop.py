@@ -63,13 +63,15 @@ def exact():
     return {"diagonal": flat(diagonal), "ggn": flat(ggn), "ggn_dict": ggn}
 
 
-@pytest.fixture(scope="module")
-def runs(exact):
-    """Per seed: the diagonal, and the norm and residual statistics of the total."""
+@pytest.fixture(scope="module", params=["proportional", "uniform"])
+def runs(exact, request):
+    """Per seed: the diagonal, and the norm and residual statistics of the total, for each
+    allocation of draws to examples."""
     objective = tiny_objective()
-    out = {"diagonal": [], "norm": [], "residual": []}
+    out = {"diagonal": [], "norm": [], "residual": [], "allocation": request.param}
     for seed in range(SEEDS):
-        chosen = CurvpropEstimator(EstimatorOptions(samples=REPLICATES, seed=seed))
+        chosen = CurvpropEstimator(EstimatorOptions(samples=REPLICATES, seed=seed),
+                                   allocation=request.param)
         est = chosen.estimate(objective, known_ggn=exact["ggn_dict"])
         assert est.samples == REPLICATES
         out["diagonal"].append(flat(est.diagonal))
@@ -92,9 +94,12 @@ def test_diagonal_is_unbiased(exact, runs):
     scale = float(d.abs().max())
     noisy = se > 1e-12 * scale
     # Entries without sampling noise must be exact: the head (no activation after it, no
-    # residual) and Linear(32, 4) (each of its entries reaches one SiLU unit only, so the
-    # injected noise has no cross terms there and its square is that unit's exact term).
-    assert int(noisy.sum()) == 24  # the conv and BatchNorm parameters
+    # residual) and, with one draw per example, Linear(32, 4) (each of its entries reaches
+    # one SiLU unit only, so the injected noise has no cross terms there and its square is
+    # that unit's exact term); proportional allocation adds the noise of the random number
+    # of draws per example there (132 more entries).
+    expected = {"uniform": 24, "proportional": 24 + 132}[runs["allocation"]]
+    assert int(noisy.sum()) == expected  # the conv and BatchNorm parameters (+ Linear(32, 4))
     assert float((mean - d)[~noisy].abs().max()) <= 1e-12 * scale
     # 5 standard errors per entry: the seed means are close to normal (100 seeds of means of
     # 8 replicates), P(|z| > 5) < 1e-5 per entry, < 1e-3 over the 24 noisy entries.
