@@ -144,7 +144,8 @@ class WideResNet(nn.Module):
                  in_channels: int) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"wide_resnet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+            raise ValueError(f"wide_resnet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), "
+                             f"got {depth}")
         if widen < 1:
             raise ValueError(f"wide_resnet widen must be a positive integer, got {widen}")
         blocks = (depth - 4) // 6

@@ -186,7 +186,8 @@ def evaluate(
     wanted = tuple(attacks)
     unknown = [a for a in wanted if a not in ATTACKS]
     if unknown:
-        raise ExperimentError(f"unknown attack(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ATTACKS)}")
+        raise ExperimentError(f"unknown attack(s) {', '.join(map(repr, unknown))}; "
+                              f"choose from {', '.join(ATTACKS)}")
     x, y = as_pair(data, "test")
     seconds: dict[str, float] = {}
     start = time.perf_counter()

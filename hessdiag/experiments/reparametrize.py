@@ -1,7 +1,7 @@
 r"""Coordinates matter: the same network with RCT-AF at any α, by rescaling its parameters.
 
-RCT-AF has the scale structure f_n(x; α) = f_n(αx; 1)/α (docs/math.md), or more generally
-f_n(x; α) = (β/α) · f_n((α/β)x; β). So an activation of slope parameter α can be traded
+RCT-AF has the scale structure f_n(x; α) = f_n(αx; 1)/α (:mod:`hessdiag.activations`), or
+more generally f_n(x; α) = (β/α) · f_n((α/β)x; β). So an activation of slope parameter α can be traded
 for one of parameter β if its input is multiplied by c = α/β and its output divided by c;
 both factors can be absorbed into the neighbouring affine layers. :func:`reparametrize`
 does this for a whole network and returns a copy with every RCT-AF at ``alpha`` (1 by
@@ -230,7 +230,8 @@ def _plan(model: nn.Module, alpha: float) -> _Plan:
                 for arg in tensor_inputs:
                     scales.union(arg, node)
             elif node.op == "call_function" and target in _SCALAR_MUL:
-                if len(tensor_inputs) != 1 or (target is operator.truediv and node.args[0] is not tensor_inputs[0]):
+                divisor = target is operator.truediv and node.args[0] is not tensor_inputs[0]
+                if len(tensor_inputs) != 1 or divisor:
                     raise refuse(f"{label} of two tensors or by a tensor")
                 scales.union(tensor_inputs[0], node)
             elif (node.op == "call_function" and target in _PASS_FUNCTIONS) or (

@@ -15,9 +15,10 @@ order and returns a :class:`TrainingHistory`. The three methods minimize
   reference TRADES code). Gradients of the outer loss flow through both p(x) and p(x').
 
 Both inner maximizations take ``steps`` sign-gradient steps of size ``alpha`` (default
-2.5·ε/steps, the rule of Madry et al.) with the model in eval mode (BatchNorm on its
-running statistics, dropout off), as in the reference implementations; the outer step runs
-in train mode. Inputs must lie in [0, 1] for the adversarial methods, since the attacks
+2.5·ε/steps, a common rule of thumb: the steps add up to 2.5 ball radii, so the iterate
+can reach any corner of the ball from any start) with the model in eval mode (BatchNorm
+on its running statistics, dropout off), as in the reference implementations; the outer
+step runs in train mode. Inputs must lie in [0, 1] for the adversarial methods, since the attacks
 clip to that box.
 
 Determinism: the batch order comes from a generator seeded with ``seed`` and the attacks'
