@@ -18,8 +18,8 @@ scaled so). **Robust accuracy** counts an example as robust when the model class
 correctly both clean and at the attack's output, so it never exceeds the clean accuracy,
 and at ε = 0 it equals the clean accuracy exactly (every attack returns the input itself).
 Only the clean-correct examples are attacked. The model is evaluated in eval mode and its
-train/eval flag restored. Attacks run in batches of ``batch_size`` on the model's device
-and dtype; their randomness is seeded with ``seed`` (the caller's RNG state is restored).
+train/eval flag restored. Attacks run in batches of ``batch_size`` on the model's device,
+on float32 images fed to the model in its own dtype; their randomness is seeded with ``seed`` (the caller's RNG state is restored).
 """
 
 from __future__ import annotations
@@ -79,16 +79,42 @@ def _prepared(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     if y.is_floating_point() or y.dim() != 1:
         raise ExperimentError("robust accuracy needs integer class labels of shape (N,)")
     check_unit_box(x, "the attacks")
-    return x.to(device=model_device(model), dtype=model_dtype(model)), y.to(model_device(model))
+    # The attacks work on float32 images; _AsDtype casts them to the model's own dtype.
+    return x.to(device=model_device(model), dtype=torch.float32), y.to(model_device(model))
+
+
+class _AsDtype(nn.Module):
+    """Runs ``model`` in ``dtype`` on float32 images and returns float32 logits.
+
+    torchattacks builds some tensors in float32 whatever the model (FAB fails on a float64
+    model), so the attacks see float32 images and logits only; gradients flow through the
+    casts. Predictions for the accuracies come from the model itself, in its own dtype.
+    Its train/eval flag is the model's.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.train(model.training)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.model(x.to(self.dtype)).float()
+
+
+def _attackable(model: nn.Module) -> nn.Module:
+    dtype = model_dtype(model)
+    return model if dtype == torch.float32 else _AsDtype(model, dtype)
 
 
 @torch.no_grad()
 def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([model(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
+    dtype = model_dtype(model)
+    return torch.cat([model(x[i : i + batch_size].to(dtype)).argmax(-1)
+                      for i in range(0, len(x), batch_size)])
 
 
 def _robust_count(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
-                  make_attack: Callable[[], Any], seed: int) -> tuple[int, int]:
+                  make_attack: Callable[[nn.Module], Any], seed: int) -> tuple[int, int]:
     """(clean-correct count, robust count); the attack runs on the clean-correct examples only."""
     was_training = model.training
     model.eval()
@@ -98,7 +124,7 @@ def _robust_count(model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
         robust = 0
         if len(ys):
             with seeded(seed, model_device(model)):
-                attack = make_attack()
+                attack = make_attack(_attackable(model))
                 for i in range(0, len(ys), batch_size):
                     xb, yb = xs[i : i + batch_size], ys[i : i + batch_size]
                     x_adv = attack(xb, yb).detach()
@@ -134,7 +160,7 @@ def pgd_accuracy(
     ta = import_torchattacks()
     _, robust = _robust_count(
         model, x, y, batch_size,
-        lambda: ta.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True), seed)
+        lambda net: ta.PGD(net, eps=eps, alpha=alpha, steps=steps, random_start=True), seed)
     return robust / len(y)
 
 
@@ -143,7 +169,7 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            return int(model(x[:1]).shape[-1])
+            return int(model(x[:1].to(model_dtype(model))).shape[-1])
     finally:
         model.train(was_training)
 
@@ -166,8 +192,8 @@ def autoattack_accuracy(
     ta = import_torchattacks()
     _, robust = _robust_count(
         model, x, y, batch_size,
-        lambda: ta.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=classes,
-                              seed=seed),
+        lambda net: ta.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=classes,
+                                  seed=seed),
         seed)
     return robust / len(y)
 

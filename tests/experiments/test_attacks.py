@@ -7,11 +7,15 @@ version, no reduced setting, on 4 examples (about 6 s: at ε = 0 nothing is brok
 Square spends all its 5,000 queries).
 """
 
+import copy
+
 import pytest
 import torch
+import torchattacks
 
 from hessdiag.experiments import (ExperimentError, RobustnessResult, autoattack_accuracy,
                                   clean_accuracy, evaluate, pgd_accuracy, train)
+from hessdiag.experiments.attacks import _attackable
 from hessdiag.io.data import load_data
 from hessdiag.models import mlp
 
@@ -82,3 +86,16 @@ def test_bad_inputs_are_refused(trained):
         pgd_accuracy(model, x, y, float("nan"))
     with pytest.raises(ExperimentError, match="unknown attack"):
         evaluate(model, (x, y), 0.1, attacks=("cw",))
+
+
+def test_a_float64_model_is_attacked_in_its_own_dtype(trained):
+    model, x, y = trained
+    model64 = copy.deepcopy(model).double()
+    assert pgd_accuracy(model64, x, y, 0.0) == clean_accuracy(model64, x, y) == clean_accuracy(model, x, y)
+    assert pgd_accuracy(model64, x, y, 1.0) == 0.0
+    assert autoattack_accuracy(model64, x[:8], y[:8], 1.0) == 0.0
+    assert next(model64.parameters()).dtype == torch.float64
+    # AutoAttack's FAB mixes float32 buffers with the logits: the attacks see float32 only
+    net = _attackable(model64)
+    adv = torchattacks.FAB(net, eps=0.1, multi_targeted=True, n_classes=10)(x[:4], y[:4])
+    assert adv.dtype == torch.float32 and float((adv - x[:4]).abs().max()) <= 0.1 + 1e-6
