@@ -19,7 +19,6 @@ from hessdiag.experiments.attacks import _attackable
 from hessdiag.io.data import load_data
 from hessdiag.models import mlp
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from hessdiag.io.data import load_data
 from hessdiag.models import mlp
 from hessdiag.training import accuracy
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
