@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Each creates .venv when missing and installs the project into it (with the test and
-# pyhessian extras, so the PyHessian context metrics are tested too). torch and
+# pyhessian extras, so the PyHessian context metrics are tested too, and torchattacks for
+# hessdiag.experiments). torch and
 # torchvision are pinned to the releases this machine serves from local disk, so pip
 # never reaches for a newer (multi-GB) build.
 PYTHON ?= python3
@@ -8,6 +9,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The `experiments` extra (torchattacks), installed without its dependencies: it declares
+# requests~=2.25.1, which it never imports and which would pull idna below the 3.18 that
+# huggingface_hub's httpx2 needs; its real dependencies (torch, torchvision, scipy, numpy,
+# tqdm) come with hessdiag itself.
+TORCHATTACKS := 'torchattacks>=3.5'
 # Some configured local indexes do not exist on every machine; their warnings are noise.
 QUIET_PIP := 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
 SHELL := /bin/bash
@@ -20,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) $(QUIET_PIP)
 	$(PY) -m pip install -q -e '.[test,pyhessian]' $(TORCH_PINS) $(QUIET_PIP)
-	$(PY) -c "import hessdiag, torch; print('hessdiag', hessdiag.__version__, 'torch', torch.__version__)"
+	$(PY) -m pip install -q --no-deps $(TORCHATTACKS) $(QUIET_PIP)
+	$(PY) -c "import hessdiag, torch, torchattacks; print('hessdiag', hessdiag.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 
 venv: $(STAMP)
