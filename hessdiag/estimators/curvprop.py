@@ -77,7 +77,6 @@ class CurvpropEstimator(Estimator):
             raise EstimatorError("curvprop: ggn must be auto, exact or mc")
         self.allocation = allocation
         self.ggn = ggn
-        self._mc = False
 
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
@@ -107,6 +106,7 @@ class CurvpropEstimator(Estimator):
             ggn = objective.flatten({k: known_ggn[k].to(objective.dtype).unsqueeze(0)
                                      for k in objective.numels})[0]
         mode = "none" if ggn is not None else self._ggn_mode(objective)
+        monte_carlo = mode == "mc"
         stats: ProbeStatistics | None = None
         passes = 0.0
         while stats is None or stats.count < target:
@@ -129,7 +129,7 @@ class CurvpropEstimator(Estimator):
         info: dict[str, object] = {
             "method": f"curvprop: {structure.reason}",
             "backward_passes": round(passes, 2),
-            "ggn": "monte-carlo" if self._mc else "exact",
+            "ggn": "monte-carlo" if monte_carlo else "exact",
             "allocation": self.allocation,
             "seconds": time.perf_counter() - start,
         }
@@ -146,20 +146,19 @@ class CurvpropEstimator(Estimator):
             hvps=0,
             samples=stats.count,
             norm_statistics=statistics,
-            residual_statistics=None if self._mc else stats.statistics(base=torch.zeros_like(ggn)),
+            residual_statistics=(None if monte_carlo
+                                 else stats.statistics(base=torch.zeros_like(ggn))),
             info=info,
         )
 
     def _ggn_mode(self, objective: Objective) -> str:
         """``"exact"`` or ``"mc"`` for this objective's number of outputs (``self.ggn``)."""
         if self.ggn != "auto":
-            self._mc = self.ggn == "mc"
-        else:
-            x, _, _ = next(objective.batches())
-            with evaluation_mode(objective.model), torch.no_grad():
-                outputs = objective.forward(objective.params, x[:1]).shape[-1]
-            self._mc = outputs > GGN_EXACT_MAX_CLASSES
-        return "mc" if self._mc else "exact"
+            return self.ggn
+        x, _, _ = next(objective.batches())
+        with evaluation_mode(objective.model), torch.no_grad():
+            outputs = objective.forward(objective.params, x[:1]).shape[-1]
+        return "mc" if outputs > GGN_EXACT_MAX_CLASSES else "exact"
 
     def _round(self, objective: Objective, generator: torch.Generator, replicates: int,
                ggn_mode: str) -> tuple[Tensor | None, dict[str, Tensor] | None, float]:
