@@ -27,9 +27,9 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
-import tomllib
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,7 +47,8 @@ BASELINES = ("relu", "gelu", "silu", "mish", "softplus", "tanh")
 SCHEMA_VERSION = 1
 
 # Allowed keys of each table, with their defaults (None: required or optional without one).
-_SWEEP_KEYS = {"data": "digits", "seeds": [0], "eps": 0.1, "max_train": None, "max_test": None}
+_SWEEP_KEYS = {"data": "digits", "seeds": [0], "eps": 0.1, "max_train": None, "max_test": None,
+               "device": "cpu"}
 _ACT_KEYS = {"rct_n": [], "psi": [], "baselines": []}
 _TRAIN_KEYS = {"methods": ["standard"], "epochs": 20, "lr": 3e-3, "batch_size": 64, "steps": 10,
                "alpha": None, "beta": 6.0, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9}
@@ -132,6 +133,10 @@ def validate(doc: dict[str, Any], source: str = "config") -> dict[str, Any]:
     sw["eps"] = float(sw["eps"])
     _check_positive_int(sw["max_train"], f"{source}: [sweep] max_train", allow_none=True)
     _check_positive_int(sw["max_test"], f"{source}: [sweep] max_test", allow_none=True)
+    if not (isinstance(sw["device"], str) and re.fullmatch(r"cpu|cuda(:\d+)?", sw["device"])):
+        _fail(source, f"[sweep] device must be cpu, cuda or cuda:N, got {sw['device']!r}")
+    if sw["device"] != "cpu" and not torch.cuda.is_available():
+        _fail(source, f"[sweep] device {sw['device']!r}: CUDA is not available here")
 
     models = doc.get("models")
     if not isinstance(models, dict) or not models:
@@ -208,9 +213,23 @@ def validate(doc: dict[str, Any], source: str = "config") -> dict[str, Any]:
     return cfg
 
 
+def _toml() -> Any:
+    """``tomllib`` (Python 3.11+), else the ``tomli`` backport."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise SweepConfigError("reading a sweep config on Python 3.10 needs tomli: "
+                                   "pip install tomli (or 'hessdiag[experiments]')") from None
+    return tomllib
+
+
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and :func:`validate` a sweep TOML file."""
     source = str(path)
+    tomllib = _toml()
     try:
         with open(path, "rb") as handle:
             doc = tomllib.load(handle)
@@ -248,7 +267,7 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
                         "schema": SCHEMA_VERSION, "model": model, "model_kwargs": kwargs,
                         "activation": activation, "method": method, "seed": seed,
                         "data": sw["data"], "max_train": sw["max_train"], "max_test": sw["max_test"],
-                        "eps": sw["eps"], "training": training,
+                        "eps": sw["eps"], "device": sw["device"], "training": training,
                         "evaluation": dict(cfg["evaluation"]), "measure": dict(cfg["measure"]),
                     }
                     runs.append(Run(len(runs), run_id(config), config))
@@ -353,7 +372,7 @@ def _measured(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor],
         warnings.simplefilter("ignore", UnresolvedEstimateWarning)
         result = measure(model, data, estimator=me["estimator"], samples=me["samples"],
                          rtol=me["rtol"], max_samples=me["max_samples"], seed=me["seed"],
-                         dtype=me["dtype"], split_ggn=True)
+                         dtype=me["dtype"], device=_model_device(model), split_ggn=True)
     return {
         "normalized_norm": _finite(result.normalized_norm),
         "ci95": _pair(result.ci95),
@@ -370,15 +389,21 @@ def _measured(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     }
 
 
+def _model_device(model: torch.nn.Module) -> torch.device:
+    from ._common import model_device
+
+    return model_device(model)
+
+
 def _adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                 tr: dict[str, Any], seed: int) -> torch.Tensor:
+                 tr: dict[str, Any], seed: int, device: torch.device) -> torch.Tensor:
     """PGD examples at the training ε (the training loop's steps and step size), made once."""
     from ._common import import_torchattacks, seeded
 
     ta = import_torchattacks()
     alpha = tr["alpha"] if tr["alpha"] is not None else 2.5 * eps / tr["steps"]
     attack = ta.PGD(model, eps=eps, alpha=alpha, steps=tr["steps"], random_start=True)
-    with seeded(seed, torch.device("cpu")):
+    with seeded(seed, device):
         out = [attack(x[i:i + 512], y[i:i + 512]).detach() for i in range(0, len(y), 512)]
     model.eval()
     return torch.cat(out)
@@ -398,8 +423,9 @@ def execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     x, y = load_data(c["data"], split="train", max_examples=c["max_train"])
     x_test, y_test = load_data(c["data"], split="test", max_examples=c["max_test"])
     kwargs = {**c["model_kwargs"], "activation": c["activation"]}
+    device = torch.device(c["device"])
     torch.manual_seed(c["seed"])
-    model = FACTORIES[c["model"]](**kwargs)
+    model = FACTORIES[c["model"]](**kwargs).to(device)
     tr = c["training"]
     adversarial = c["method"] != "standard"
     history = train(model, (x, y), c["method"], epochs=tr["epochs"], lr=tr["lr"],
@@ -416,8 +442,8 @@ def execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     xm, ym = (x[:n], y[:n]) if n else (x, y)
     measures = {"clean": _measured(model, (xm, ym), me)}
     if me["adversarial"]:
-        x_adv = _adversarial(model, xm, ym, c["eps"], tr, c["seed"])
-        measures["adversarial"] = _measured(model, (x_adv, ym), me)
+        x_adv = _adversarial(model, xm.to(device), ym.to(device), c["eps"], tr, c["seed"], device)
+        measures["adversarial"] = _measured(model, (x_adv.cpu(), ym), me)
     psi = psi_max(get_activation(c["activation"]))
     record = {
         "id": run.id, "index": run.index, "config": c, "psi_max": _finite(float(psi)),
@@ -466,8 +492,10 @@ def run_sweep(config: str | os.PathLike[str] | dict[str, Any], out_dir: str | os
               jobs: int = 1, shard: tuple[int, int] = (0, 1),
               log: Callable[[str], None] | None = None) -> SweepSummary:
     """Run the runs of ``config`` (a TOML path or a :func:`validate`-d dict) not yet in
-    ``out_dir/results.jsonl``; ``jobs`` worker processes (spawned, one torch thread each);
-    ``shard=(I, K)`` keeps the runs whose index in the run order is I modulo K."""
+    ``out_dir/results.jsonl``; ``jobs`` worker processes (spawned), or in this process for
+    ``jobs=1``; either way each run uses one torch thread, so that a run's numbers do not
+    depend on ``jobs``. ``shard=(I, K)`` keeps the runs whose index in the run order is I
+    modulo K."""
     cfg = load_config(config) if not isinstance(config, dict) else config
     if not (_is_int(jobs) and jobs >= 1):
         raise SweepConfigError(f"--jobs must be a positive integer, got {jobs!r}")
@@ -499,8 +527,13 @@ def run_sweep(config: str | os.PathLike[str] | dict[str, Any], out_dir: str | os
             f"({record['seconds']:.1f} s)")
 
     if jobs == 1 or len(todo) <= 1:
-        for run in todo:
-            finish(*_worker((run, str(out))))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the workers: the same numbers whatever --jobs
+        try:
+            for run in todo:
+                finish(*_worker((run, str(out))))
+        finally:
+            torch.set_num_threads(threads)
     else:
         import multiprocessing
 

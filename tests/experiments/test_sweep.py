@@ -158,6 +158,7 @@ BAD = {
     "bad eps": "[sweep]\neps = -1\n[models.mlp]\n[activations]\nbaselines = ['gelu']\n",
     "bad estimator": "[models.mlp]\n[activations]\nbaselines = ['gelu']\n[measure]\nestimator = 'magic'\n",
     "bad toml": "[models.mlp\n",
+    "bad device": "[sweep]\ndevice = 'gpu'\n[models.mlp]\n[activations]\nbaselines = ['gelu']\n",
 }
 
 
@@ -200,3 +201,39 @@ def test_plot_writes_png_and_pdf(tiny_run, tmp_path, capsys):
 def test_plot_without_results_exits_2(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "holds no results" in capsys.readouterr().err
+
+
+def test_adversarial_methods_and_baselines(tmp_path):
+    """pgd-at and trades runs, RCT-AF n = 0 and 2, baselines (ReLU: ψ_max ∞ → null), plot."""
+    from hessdiag.experiments.plot import plot_sweep
+    from hessdiag.experiments.sweep import run_sweep
+
+    config = tmp_path / "adv.toml"
+    config.write_text(
+        "[sweep]\nseeds = [3]\neps = 0.1\nmax_train = 64\nmax_test = 32\n"
+        "[models.mlp]\nhidden = [6]\n"
+        "[activations]\nrct_n = [0, 2]\npsi = [5.0]\nbaselines = ['gelu', 'relu']\n"
+        "[training]\nmethods = ['pgd-at', 'trades']\nepochs = 1\nbatch_size = 32\nsteps = 2\n"
+        "[evaluation]\npgd_steps = 3\n[measure]\nmax_examples = 16\n"
+    )
+    summary = run_sweep(config, tmp_path / "out")
+    assert (summary.total, summary.done, summary.failed) == (8, 8, [])
+    records = _lines(tmp_path / "out")
+    assert [r["config"]["activation"] for r in records[::2]] == \
+        ["rct:n=0,psi=5", "rct:n=2,psi=5", "gelu", "relu"]
+    assert {r["config"]["method"] for r in records} == {"pgd-at", "trades"}
+    assert [r["psi_max"] for r in records if r["config"]["activation"] == "relu"] == [None, None]
+    assert all(r["measure"]["adversarial"]["normalized_norm"] > 0 for r in records)
+    paths = plot_sweep(tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(
+        f"sweep-mlp-{m}.{e}" for m in ("pgd-at", "trades") for e in ("png", "pdf"))
+
+
+def test_a_failing_run_is_reported_and_retried(tmp_path, capsys):
+    config = tmp_path / "missing.toml"
+    config.write_text(f"[sweep]\ndata = 'npz:{tmp_path / 'none.npz'}'\n"
+                      "[models.mlp]\n[activations]\nbaselines = ['gelu']\n")
+    assert main(["sweep", str(config), "--out", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and "1 failed" in out
+    assert read_results(tmp_path / "out" / RESULTS) == []
