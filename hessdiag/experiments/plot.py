@@ -69,6 +69,7 @@ def plot_sweep(results_dir: str | os.PathLike[str], prefix: str | os.PathLike[st
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     del matplotlib  # the Agg canvas is used explicitly; no global backend switch
     source = Path(results_dir) / RESULTS
@@ -88,15 +89,22 @@ def plot_sweep(results_dir: str | os.PathLike[str], prefix: str | os.PathLike[st
         FigureCanvasAgg(fig)
         axes = fig.subplots(2, 3).ravel()
         for ax, (title, ylabel, series, log_y) in zip(axes, PANELS):
-            _panel(ax, group, series, log_y)
+            ax.set_xscale("log")
+            xs = _panel(ax, group, series, log_y)
             ax.set_title(title)
             ax.set_xlabel("ψ_max (log scale)")
             ax.set_ylabel(ylabel)
-            ax.set_xscale("log")
+            if xs:  # label the ψ_max values present, not the decades
+                ax.set_xticks(xs, [f"{x:.3g}" for x in xs])
+                ax.xaxis.set_minor_formatter(NullFormatter())
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
         seeds = sorted({r["config"].get("seed") for r in group})
-        fig.suptitle(f"{model}, {method}, {data}: mean ± std over seeds {seeds}")
+        unplaced = sorted({r["config"].get("activation") for r in group
+                           if not _RCT.match(r["config"].get("activation", ""))
+                           and not isinstance(r.get("psi_max"), (int, float))})
+        note = f" ({', '.join(unplaced)}: ψ_max = ∞, not shown)" if unplaced else ""
+        fig.suptitle(f"{model}, {method}, {data}: mean ± std over seeds {seeds}{note}")
         name = f"{base.name}-{_slug(model)}-{_slug(method)}" + (f"-{_slug(data)}" if several_data else "")
         for ext in ("png", "pdf"):
             path = base.with_name(f"{name}.{ext}")
@@ -105,7 +113,8 @@ def plot_sweep(results_dir: str | os.PathLike[str], prefix: str | os.PathLike[st
     return written
 
 
-def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool) -> None:
+def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool) -> list[float]:
+    """Draw one panel; return the ψ_max values placed on its axis."""
     rct: dict[int, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     baselines: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in group:
@@ -116,8 +125,10 @@ def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool)
         else:
             baselines[act].append(r)
     positive = True
+    placed: set[float] = set()
+    color = 0  # one color per RCT-AF order or baseline, the same in every panel
     for n in sorted(rct):
-        for suffix, getter, style in series:
+        for (suffix, getter, style), marker in zip(series, "o^"):
             xs, means, stds = [], [], []
             for psi in sorted(rct[n]):
                 values = [v for v in map(getter, rct[n][psi]) if v is not None]
@@ -126,18 +137,24 @@ def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool)
                     xs.append(psi), means.append(m), stds.append(s)
                     positive &= m - s > 0 and m > 0
             if xs:
+                placed.update(xs)
                 label = f"RCT-AF n={n}" + (f" {suffix}" if suffix else "")
-                ax.errorbar(xs, means, yerr=stds, fmt="o" + style, capsize=3, label=label)
+                ax.errorbar(xs, means, yerr=stds, fmt=marker + style, color=f"C{color % 10}",
+                            capsize=3, label=label)
+        color += 1
     for act in sorted(baselines):
         psi = baselines[act][0].get("psi_max")
         if not isinstance(psi, (int, float)) or not math.isfinite(psi):
             continue  # ψ_max = ∞ (ReLU): no place on the axis
-        for suffix, getter, _style in series:
+        for (suffix, getter, _style), marker in zip(series, "sD"):
             values = [v for v in map(getter, baselines[act]) if v is not None]
             if values:
                 m, s = _stats(values)
                 positive &= m - s > 0 and m > 0
-                ax.errorbar([psi], [m], yerr=[s], fmt="s", capsize=3,
+                placed.add(float(psi))
+                ax.errorbar([psi], [m], yerr=[s], fmt=marker, color=f"C{color % 10}", capsize=3,
                             label=act + (f" {suffix}" if suffix else ""))
+        color += 1
     if log_y and positive and ax.has_data():
         ax.set_yscale("log")
+    return sorted(placed)
