@@ -210,6 +210,10 @@ def validate(doc: dict[str, Any], source: str = "config") -> dict[str, Any]:
         _fail(source, f"[measure] dtype must be float32 or float64, got {me['dtype']!r}")
     if not isinstance(me["adversarial"], bool):
         _fail(source, f"[measure] adversarial must be true or false, got {me['adversarial']!r}")
+    ids = [run.id for run in expand(cfg)]
+    if len(set(ids)) != len(ids):
+        _fail(source, "the grid repeats a run: remove repeated entries of rct_n, psi, "
+                      "baselines or methods")
     return cfg
 
 
@@ -243,7 +247,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _activations(act: dict[str, Any]) -> list[str]:
-    specs = [f"rct:n={n},psi={p:g}" for n in act["rct_n"] for p in act["psi"]]
+    specs = [f"rct:n={n},psi={p:.12g}" for n in act["rct_n"] for p in act["psi"]]
     return specs + list(act["baselines"])
 
 

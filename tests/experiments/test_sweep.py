@@ -158,6 +158,7 @@ BAD = {
     "bad eps": "[sweep]\neps = -1\n[models.mlp]\n[activations]\nbaselines = ['gelu']\n",
     "bad estimator": "[models.mlp]\n[activations]\nbaselines = ['gelu']\n[measure]\nestimator = 'magic'\n",
     "bad toml": "[models.mlp\n",
+    "repeated psi": "[models.mlp]\n[activations]\nrct_n = [1]\npsi = [4, 4.0]\n",
     "bad device": "[sweep]\ndevice = 'gpu'\n[models.mlp]\n[activations]\nbaselines = ['gelu']\n",
 }
 
