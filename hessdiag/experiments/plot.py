@@ -23,8 +23,8 @@ from .sweep import RESULTS, read_results, records_by_id
 
 _RCT = re.compile(r"rct:n=(\d+),psi=")
 
-# (panel title, y label, [(label suffix, getter, line style)])
 def _get(*keys: str):
+    """A getter of the finite number at ``record[k1][k2]...`` (None if missing or not finite)."""
     def getter(record: dict[str, Any]) -> float | None:
         value: Any = record
         for key in keys:
@@ -35,6 +35,7 @@ def _get(*keys: str):
     return getter
 
 
+# (panel title, y label, [(label suffix, getter, line style)], log y axis when all positive)
 PANELS = [
     ("normalized norm, clean loss", "‖diag H‖₂/√P", [("", _get("measure", "clean", "normalized_norm"), "-")], True),
     ("normalized norm, adversarial loss", "‖diag H‖₂/√P",
@@ -66,12 +67,11 @@ def plot_sweep(results_dir: str | os.PathLike[str], prefix: str | os.PathLike[st
     ``prefix`` defaults to ``DIR/figures/sweep``. Raises :class:`ExperimentError` when
     ``DIR/results.jsonl`` holds no record.
     """
-    import matplotlib
+    # The Agg canvas is attached to each figure explicitly: no global backend switch, no pyplot.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    del matplotlib  # the Agg canvas is used explicitly; no global backend switch
     source = Path(results_dir) / RESULTS
     records = list(records_by_id(read_results(source)).values())
     if not records:
