@@ -137,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-symbolic", action="store_true", help="skip the sympy checks")
     check.add_argument("--seed", type=int, default=0, help="network and data seed (default: 0)")
 
+    sweep = sub.add_parser("sweep", help="train, attack and measure a grid of runs from a TOML config "
+                                         "(resumable, shardable)")
+    sweep.add_argument("config", metavar="CONFIG.toml", help="sweep config (schema: docs/experiments.md)")
+    sweep.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder: results.jsonl and checkpoints/ (reruns skip finished runs)")
+    sweep.add_argument("--jobs", type=_positive_int, default=1, metavar="K",
+                       help="worker processes on this machine, one torch thread each (default: 1)")
+    sweep.add_argument("--shard", default="0/1", metavar="I/K",
+                       help="keep the runs whose index in the run order is I modulo K (default: 0/1)")
+
+    plot = sub.add_parser("plot", help="figures (PNG and PDF) of a sweep's results.jsonl")
+    plot.add_argument("results", metavar="DIR", help="a sweep's output folder")
+    plot.add_argument("--out", metavar="PREFIX",
+                      help="path prefix of the figures (default: DIR/figures/sweep)")
+
     demo = sub.add_parser("demo", help="measure the bundled example checkpoint")
     demo.add_argument("--estimator", default="auto", help="estimator (default: auto)")
     return parser
@@ -232,7 +247,28 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"measure": _measure, "psi": _psi, "check": _check, "demo": _demo}
+def _sweep(args: argparse.Namespace) -> int:
+    from .experiments.sweep import load_config, parse_shard, run_sweep
+
+    shard = parse_shard(args.shard)
+    config = load_config(args.config)  # validated before any output is touched
+    summary = run_sweep(config, args.out, jobs=args.jobs, shard=shard,
+                        log=lambda text: print(f"hessdiag sweep: {text}", flush=True))
+    print(f"hessdiag sweep: {summary.done} run(s) finished, {summary.skipped} skipped, "
+          f"{len(summary.failed)} failed; results in {args.out}/results.jsonl", flush=True)
+    return EXIT_INTERNAL if summary.failed else EXIT_OK
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .experiments.plot import plot_sweep
+
+    for path in plot_sweep(args.results, args.out):
+        print(path)
+    return EXIT_OK
+
+
+COMMANDS = {"measure": _measure, "psi": _psi, "check": _check, "demo": _demo, "sweep": _sweep,
+            "plot": _plot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,10 @@ One concept per module:
   RCT-AF at another α and rescaled parameters; :func:`parameter_scales`.
 - :mod:`~hessdiag.experiments.invariant`: :func:`invariant_normalized_norm`, the curvature
   measure ‖θ² ⊙ diag H‖₂/√P that such rescalings cannot change.
+- :mod:`~hessdiag.experiments.sweep`: :func:`~hessdiag.experiments.sweep.run_sweep`, a TOML
+  grid of models × activations × methods × seeds, resumable and shardable
+  (``hessdiag sweep``); :mod:`~hessdiag.experiments.plot`:
+  :func:`~hessdiag.experiments.plot.plot_sweep`, its figures against ψ_max (``hessdiag plot``).
 
 Guide and measured numbers: ``docs/experiments.md``. Adversarial training and evaluation
 need ``torchattacks`` (``pip install 'hessdiag[experiments]'``).
