@@ -62,7 +62,8 @@ class TapeError(RuntimeError):
 class ActivationSite:
     """One call aᵤ = φ(zᵤ) of a smooth elementwise activation, batch-first [n, …]."""
 
-    def __init__(self, z: Tensor, derivatives: ElementwiseDerivatives) -> None:
+    def __init__(self, z: Tensor, derivatives: ElementwiseDerivatives, tape: _Tape) -> None:
+        self.tape = tape
         self.z = z.detach()
         self.version = z._version
         self.slope = derivatives.dphi(self.z)
@@ -89,8 +90,7 @@ class _Site(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         site: ActivationSite = ctx.site
-        tape: _Tape = site.tape  # type: ignore[attr-defined]
-        if tape.record_activation_grads:
+        if site.tape.record_activation_grads:
             site.grad = grad.detach().clone()
         out = grad * site.slope
         if site.injection is not None:
@@ -148,8 +148,7 @@ class _Tape(TorchFunctionMode):
         if self.with_sites:
             derivatives = elementwise_activation(func, args, kwargs)
             if derivatives is not None and args[0].requires_grad:
-                site = ActivationSite(args[0], derivatives)
-                site.tape = self  # type: ignore[attr-defined]
+                site = ActivationSite(args[0], derivatives, self)
                 self.sites.append(site)
                 return _Site.apply(args[0], derivatives.phi, site)
         if func in INPLACE_POSITION:  # run out of place: hooks still need the input
