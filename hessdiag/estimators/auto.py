@@ -1,12 +1,18 @@
 """``auto``: the cheapest route to the Hessian diagonal that the model's structure allows.
 
-In order (docs/index.md, "Choosing an estimator"):
+In order (docs/index.md, "Estimators"):
 
 1. ``exact`` when it is exact at a price independent of the Hessian's size: an MLP the
    analytic recursion supports, or a piecewise-linear network (diag H = diag GGN);
 2. ``exact`` by basis Hessian-vector products when P ≤ :data:`AUTO_EXACT_MAX_PARAMS`;
-3. ``curvprop`` when every nonlinearity is a smooth elementwise activation;
-4. ``hutchinson`` otherwise (attention, LayerNorm, gates, unknown operations).
+3. ``hutchinson`` otherwise.
+
+``curvprop`` is not chosen automatically, although it applies to every network of smooth
+elementwise activations: measured on trained smooth ResNet-18s (docs/benchmarks.md,
+"curvprop"), its per-unit noise accumulates in the stem convolution's per-example
+gradients and its interval was wider than ``hutchinson``'s at equal wall time, while on a
+shallow digits CNN it was the better one. Until it wins where users need it most, it is
+available by name.
 
 The chosen estimator's name and the reason are recorded in the result (``estimator``,
 ``selection``).
@@ -19,7 +25,6 @@ from torch import Tensor
 from ..analytic import supported_structure
 from ..objective import Objective
 from .base import DiagonalEstimate, Estimator, EstimatorOptions
-from .curvprop import CurvpropEstimator
 from .exact import ExactEstimator
 from .lowrank import LowRankHutchinsonEstimator
 from .structural import objective_structure
@@ -41,7 +46,8 @@ def select_estimator(objective: Objective,
         return (ExactEstimator(options),
                 f"{objective.num_params:,} parameters ≤ {AUTO_EXACT_MAX_PARAMS:,}: exact")
     if structure.kind == "elementwise":
-        return CurvpropEstimator(options), structure.reason
+        return (LowRankHutchinsonEstimator(options),
+                f"{structure.reason}: hutchinson (curvprop applies too: --estimator curvprop)")
     return LowRankHutchinsonEstimator(options), f"general network: {structure.reason}"
 
 

@@ -36,10 +36,10 @@ def test_piecewise_linear_resnet_is_exact_at_any_size():
     assert name == "exact" and "piecewise-linear" in why
 
 
-def test_smooth_resnet_gets_curvprop_and_layernorm_gets_hutchinson():
+def test_smooth_resnet_gets_hutchinson_naming_curvprop_and_layernorm_gets_hutchinson():
     torch.manual_seed(0)
-    name, _ = _choice(resnet18_cifar(activation="silu", width=4), _images())
-    assert name == "curvprop"
+    name, why = _choice(resnet18_cifar(activation="silu", width=4), _images())
+    assert name == "hutchinson" and "curvprop applies" in why and "silu" in why
     wide = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.LayerNorm(64), nn.GELU(),
                          nn.Linear(64, 10))
     name, why = _choice(wide, _images())
