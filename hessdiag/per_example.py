@@ -8,7 +8,7 @@ gradient g [n, …] arriving at the output in one backward pass, each rule retur
     Σₙ wₙ (∂sₙ/∂W)²   and   Σₙ wₙ (∂sₙ/∂b)²      (elementwise squares, shapes of W and b)
 
 with per-example weights wₙ, without forming more than a chunk of per-example gradients
-at a time (:data:`CHUNK_NUMBERS`). These are the building blocks of the exact GGN
+at a time (:func:`chunk_numbers`). These are the building blocks of the exact GGN
 diagonal (one backward pass per output class) and of the ``curvprop`` residual.
 
 Rules: ``F.linear`` (inputs [n, in] or [n, …, in], summing over the middle positions),
@@ -28,7 +28,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_NUMBERS = 1 << 24
-"""At most about this many numbers of per-example gradients exist at once (64 MB in float32)."""
+"""At most about this many numbers of per-example gradients exist at once on an accelerator
+(64 MB in float32): large chunks amortize the kernel launches."""
+
+CPU_CHUNK_NUMBERS = 1 << 20
+"""The same bound on the CPU (4 MB in float32). Chunks this small stay closer to the
+caches and below the allocator's threshold for fresh memory-mapped pages, which a 64 MB
+temporary pays for (page faults) on every backward pass. On ResNet-18 (widths 16 and 32,
+64–128 CIFAR-sized inputs, 2 shared cores) one backward pass with per-example squares
+took 1.2–1.35× less time than with 64 MB chunks in interleaved runs (one run under heavy
+load showed no difference); the widest layers gain most."""
+
+
+def chunk_numbers(device: torch.device) -> int:
+    """Numbers of per-example gradients to form at once on ``device``."""
+    return CPU_CHUNK_NUMBERS if device.type == "cpu" else CHUNK_NUMBERS
 
 
 def _pair(value: Any, dims: int) -> tuple[int, ...]:
@@ -75,9 +89,14 @@ def param_call_problem(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -
     return None
 
 
-def _weighted_square_sum(per_example: Tensor, weights: Tensor) -> Tensor:
-    """Σₙ wₙ Gₙ² for per-example gradients ``per_example`` [n, *shape]."""
-    return torch.einsum("n,n...->...", weights, per_example.pow(2))
+def _weighted_square_sum(per_example: Tensor, weights: Tensor, scratch: bool = False) -> Tensor:
+    """Σₙ wₙ Gₙ² for per-example gradients ``per_example`` [n, *shape].
+
+    ``scratch``: ``per_example`` is a temporary of the caller's and is squared in place
+    (no second chunk-sized tensor).
+    """
+    squares = per_example.mul_(per_example) if scratch else per_example.pow(2)
+    return torch.einsum("n,n...->...", weights, squares)
 
 
 @dataclass
@@ -129,10 +148,10 @@ class AffineCall:
         g3 = grad.reshape(n, -1, grad.shape[-1])
         if "weight" in self.names:
             acc = x.new_zeros(g3.shape[-1], x3.shape[-1])
-            step = _step(n, acc.numel())
+            step = _step(n, acc.numel(), x.device)
             for s in range(0, n, step):
                 per = torch.bmm(g3[s : s + step].transpose(1, 2), x3[s : s + step])
-                acc += _weighted_square_sum(per, weights[s : s + step])
+                acc += _weighted_square_sum(per, weights[s : s + step], scratch=True)
             out["weight"] = acc
         if "bias" in self.names:
             out["bias"] = _weighted_square_sum(g3.sum(1), weights)
@@ -147,7 +166,10 @@ class AffineCall:
         spatial = tuple(range(2, x.dim()))
         out: dict[str, Tensor] = {}
         if "weight" in self.names:
-            normalized = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+            if "normalized" not in self.cache:  # every backward pass reuses it
+                self.cache["normalized"] = ((x - mean.reshape(shape))
+                                            / torch.sqrt(var.reshape(shape) + eps))
+            normalized = self.cache["normalized"]
             per = (grad * normalized).sum(spatial) if spatial else grad * normalized
             out["weight"] = _weighted_square_sum(per, weights)
         if "bias" in self.names:
@@ -188,16 +210,16 @@ class AffineCall:
             uu = unfolded.reshape(n, groups, k, -1)
             per_size = c_out * k
             acc = grad.new_zeros(groups, c_out // groups, k)
-            step = _step(n, per_size)
+            step = _step(n, per_size, grad.device)
             for s in range(0, n, step):
                 per = torch.einsum("ngol,ngkl->ngok", gg[s : s + step], uu[s : s + step])
-                acc += _weighted_square_sum(per, weights[s : s + step])
+                acc += _weighted_square_sum(per, weights[s : s + step], scratch=True)
             out["weight"] = acc.reshape(c_out, k // math.prod(kernel), *kernel)
         if "bias" in self.names:
             out["bias"] = _weighted_square_sum(g.sum(2), weights)
         return out
 
 
-def _step(num: int, per_example: int) -> int:
-    """Examples per chunk so that a chunk holds at most :data:`CHUNK_NUMBERS` numbers."""
-    return max(1, min(num, CHUNK_NUMBERS // max(per_example, 1)))
+def _step(num: int, per_example: int, device: torch.device) -> int:
+    """Examples per chunk so that a chunk holds at most :func:`chunk_numbers` numbers."""
+    return max(1, min(num, chunk_numbers(device) // max(per_example, 1)))

@@ -10,7 +10,11 @@ index, stride, padding or group layout by many orders of magnitude.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from hessdiag import per_example
+from hessdiag.curvature_tape import tape_ggn_diagonal
+from hessdiag.objective import Objective
 from hessdiag.per_example import CHUNK_NUMBERS, AffineCall, conv_padding, param_call_problem
 
 RTOL = 1e-12
@@ -89,6 +93,7 @@ def test_linear_rule_chunks_many_positions(monkeypatch):
     weights = torch.rand(5, generator=generator(5), dtype=torch.float64)
     whole = record(F.linear, x, (x, weight), {}, {"weight": "w"}).square_sums(grad, weights)
     monkeypatch.setattr("hessdiag.per_example.CHUNK_NUMBERS", 1)
+    monkeypatch.setattr("hessdiag.per_example.CPU_CHUNK_NUMBERS", 1)
     chunked = record(F.linear, x, (x, weight), {}, {"weight": "w"}).square_sums(grad, weights)
     assert CHUNK_NUMBERS > 1
     assert_close(chunked, whole)
@@ -208,3 +213,38 @@ def test_modifying_a_recorded_input_in_place_raises(func, shape):
     x.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         call.square_sums(grad, weights)
+
+
+# -- chunking through the tape ------------------------------------------------------------
+
+
+def _chunk_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False), nn.Tanh(),
+        nn.Flatten(), nn.Linear(16, 5), nn.BatchNorm1d(5), nn.SiLU(), nn.Linear(5, 3),
+    ).double()
+    for module in net:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 64, 1])
+def test_ggn_squares_match_torch_func_for_any_chunk(monkeypatch, chunk):
+    """Chunks from all examples at once down to one example at a time give the same sums."""
+    monkeypatch.setattr(per_example, "CPU_CHUNK_NUMBERS", chunk)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 2, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    objective = Objective(_chunk_net(), (x, y), "ce", batch_size=None)
+    reference = objective.ggn_diagonal()
+    taped = tape_ggn_diagonal(objective)
+    for name, value in reference.items():
+        scale = float(value.abs().max())
+        assert float((taped[name] - value).abs().max()) <= 1e-12 * scale, name
+
