@@ -16,7 +16,7 @@ float32. Methods, all on the same model, data and objective:
   so the extrapolation is linear and reported as such.
 
 Timing: the methods are interleaved within each repeat and the median over repeats is
-reported (SPEC §8). Peak memory: each method runs once more in a fresh subprocess that
+reported (docs/index.md). Peak memory: each method runs once more in a fresh subprocess that
 warms up on a tiny model, builds model, data and objective, reads its resident set size (``VmRSS``), resets the
 kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``, Linux), runs the method once
 and reads the new peak (``VmHWM``): the difference is the extra peak resident memory the

@@ -1,6 +1,6 @@
 """hessdiag: the diagonal of the loss Hessian of PyTorch models, and its normalized norm.
 
-Public API (SPEC §6)::
+Public API (docs/index.md)::
 
     import hessdiag
     res = hessdiag.measure(model, (x, y), loss="ce", estimator="exact", dtype="float64")

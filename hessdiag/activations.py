@@ -1,6 +1,6 @@
 r"""Activations and their derivatives: RCT-AF, the baseline registry and ψ_max.
 
-RCT-AF (MATH.md §1). With :math:`u = \alpha x`, :math:`s = \sigma(u)`,
+RCT-AF (docs/index.md, "Activations"). With :math:`u = \alpha x`, :math:`s = \sigma(u)`,
 :math:`q = s(1-s) = \sigma(u)\sigma(-u)`, :math:`t = 1 - 2s = -\tanh(u/2)`:
 
 ====  ===========================  ======================  ==================================
@@ -26,7 +26,7 @@ and σ^{(m)} = q t^{(m-1) mod 2} P_m(q) with P_1 = 1, P_2 = 1, P_3 = 1 - 6q, P_4
 (from dq/du = q t and dt/du = -2q, t² = 1 - 4q). The autograd Function below uses these, so
 RCT-AF is differentiable to any order, in reverse and forward mode, without cancellation.
 
-ψ_max = sup_x φ''(x) of the baselines (MATH.md §2): softplus 1/4, SiLU 1/2, GELU √(2/π) ≈ 0.7979
+ψ_max = sup_x φ''(x) of the baselines (docs/index.md, "Activations"): softplus 1/4, SiLU 1/2, GELU √(2/π) ≈ 0.7979
 (erf and tanh forms), Mish 0.6442, ELU(α=1) 1 (a left limit at 0), SELU λα ≈ 1.758 (sup on x ≠ 0;
 its slope jumps *down* at 0, so max |φ''| is ∞), tanh 4/(3√3) ≈ 0.7698, sigmoid 1/(6√3) ≈ 0.09623,
 ReLU and LeakyReLU ∞ (the slope jumps *up*, a positive Dirac mass in φ'').
@@ -63,7 +63,7 @@ __all__ = [
     "rct_af_derivative",
 ]
 
-#: c_n = max_u g_n''(u): ψ_max of RCT-AF divided by α (MATH.md §1.3).
+#: c_n = max_u g_n''(u): ψ_max of RCT-AF divided by α (docs/index.md, "Activations").
 RCT_PSI_COEF: dict[int, float] = {0: 0.25, 1: 0.5, 2: 1.0}
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -1,10 +1,10 @@
-r"""The exact loss-Hessian diagonal of an MLP by the pre-activation-Hessian recursion (MATH.md §4).
+r"""The exact loss-Hessian diagonal of an MLP by the pre-activation-Hessian recursion (docs/appendix.md).
 
-Setting (MATH §4.1): :math:`a^0 = x`, :math:`z^l = W^l a^{l-1} + b^l` for :math:`l = 1..L`,
+Setting (docs/appendix.md): :math:`a^0 = x`, :math:`z^l = W^l a^{l-1} + b^l` for :math:`l = 1..L`,
 :math:`a^l = \phi_l(z^l)` for :math:`l < L`, a linear output :math:`f = z^L \in R^C`. For one
 example with loss :math:`\ell(f, y)` put :math:`r = \nabla_f \ell` and :math:`\Lambda = \nabla_f^2 \ell = QQ^\top`.
 A parameter attached to neuron *i* of layer *l* has :math:`c = a^{l-1}_j` (weight :math:`W^l_{ij}`) or
-:math:`c = 1` (bias :math:`b^l_i`). Then, exactly (MATH §4.2–4.3),
+:math:`c = 1` (bias :math:`b^l_i`). Then, exactly (docs/math.md–4.3),
 
 .. math::
 
@@ -27,9 +27,9 @@ diagonal of its :math:`M`, so full :math:`n_l \times n_l` matrices are formed on
 
 Also here:
 
-* the **per-neuron (diagonal-only) approximation** (MATH §4.5), which drops the off-diagonal
+* the **per-neuron (diagonal-only) approximation** (docs/appendix.md), which drops the off-diagonal
   :math:`M^{l+1}_{km}`; exact for layers L−1 and L−2, wrong below;
-* the **per-layer φ″ contributions** (MATH §4.6): :math:`H_{\theta\theta}` is affine in the vector of
+* the **per-layer φ″ contributions** (docs/math.md): :math:`H_{\theta\theta}` is affine in the vector of
   :math:`\phi''` values, :math:`H = \mathrm{GGN} + \sum_{m \ge l}\sum_{b,k}\kappa^\theta_{b,m,k}\,\phi''(z^m_{b,k})`,
   and :func:`mlp_phi2_contributions` returns, per hidden layer *m*, the sum
   :math:`\sum_{b,k}\kappa^\theta_{b,m,k}\phi''(z^m_{b,k})` for every parameter;
@@ -259,7 +259,7 @@ def _propagate(weights: list[Tensor], dphi: list[Tensor], sources: dict[int, Ten
 
     ``sources`` maps a hidden layer l (1-based) to the vector added to the diagonal of M^l
     (φ''(z^l) ⊙ g^l for the full residual, a single layer's for one φ″ contribution). With
-    ``per_neuron`` the off-diagonal entries of M^{l+1} are dropped (MATH §4.5).
+    ``per_neuron`` the off-diagonal entries of M^{l+1} are dropped (docs/appendix.md).
     """
     num = len(weights)
     diags: list[Tensor | None] = [None] * num  # None: M^l = 0 (output layer, layers above a source)
@@ -321,7 +321,7 @@ def _chunks(objective: Objective, examples_per_chunk: int):
 class MLPDecomposition:
     """diag(H) = diag(GGN) + residual over all of the objective's data, per parameter tensor.
 
-    ``per_neuron_residual`` is the residual from the diagonal-only recursion (MATH §4.5), when
+    ``per_neuron_residual`` is the residual from the diagonal-only recursion (docs/appendix.md), when
     requested; it is exact for ≤ 2 hidden layers and for the top two hidden layers.
     """
 
@@ -344,7 +344,7 @@ class MLPDecomposition:
 
 @dataclass
 class Phi2Contributions:
-    """diag(H) = ``ggn`` + Σ_m ``by_layer[m]``: each hidden layer's φ″ share (MATH §4.6).
+    """diag(H) = ``ggn`` + Σ_m ``by_layer[m]``: each hidden layer's φ″ share (docs/math.md).
 
     ``by_layer`` is keyed by the activation module's name (e.g. ``"2"`` for ``model[2]``); entry
     m holds Σ_{b,k} κ^θ_{b,m,k} φ''(z^m_{b,k}) for every parameter θ (zero for layers above m's
@@ -382,7 +382,7 @@ def _chunk_terms(
 
 
 def _divide_by_examples(objective: Objective, *diagonals: ParamDict) -> None:
-    """Turn sums over examples into the mean of SPEC §1, in place."""
+    """Turn sums over examples into the mean of docs/index.md, "What is measured", in place."""
     for diagonal in diagonals:
         for v in diagonal.values():
             v.div_(objective.num_examples)
@@ -457,7 +457,7 @@ def mlp_phi2_contributions(
     structure: MLPStructure | None = None,
     examples_per_chunk: int | None = None,
 ) -> Phi2Contributions:
-    """diag(GGN) and each hidden layer's φ″ contribution Σ_{b,k} κ^θ_{b,m,k} φ''(z^m_{b,k}) (MATH §4.6).
+    """diag(GGN) and each hidden layer's φ″ contribution Σ_{b,k} κ^θ_{b,m,k} φ''(z^m_{b,k}) (docs/math.md).
 
     By linearity of the recursion in its sources, layer m's contribution is the recursion
     started from diag(φ''(z^m) ⊙ g^m) at layer m alone; the contributions sum to the residual.
@@ -484,7 +484,7 @@ def mlp_phi2_contributions(
 def mlp_phi2_coefficients(
     objective: Objective, *, structure: MLPStructure | None = None
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    r"""The coefficients κ of MATH §4.6 and the φ″ values they multiply (small problems only).
+    r"""The coefficients κ of docs/math.md and the φ″ values they multiply (small problems only).
 
     Returns ``(kappa, phi2)``: ``phi2[m]`` is φ''(z^m) over all N examples, ``[N, n_m]``, and
     ``kappa[m][θ-name]`` has shape ``[*θ.shape, N, n_m]`` with

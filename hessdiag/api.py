@@ -1,4 +1,4 @@
-"""The Python API a notebook uses (SPEC §6): ``measure`` and ``hessian_diagonal``."""
+"""The Python API a notebook uses (docs/index.md): ``measure`` and ``hessian_diagonal``."""
 
 from __future__ import annotations
 

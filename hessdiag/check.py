@@ -1,7 +1,7 @@
 """``hessdiag check``: the appendix's decomposition, machine-checked on small MLPs.
 
 For every case of a battery (depth, widths, output dimension, activation, loss, batch size)
-the analytic decomposition of :mod:`hessdiag.analytic` (diag H = diag GGN + residual, MATH.md
+the analytic decomposition of :mod:`hessdiag.analytic` (diag H = diag GGN + residual, docs/math.md
 §4.3) is compared in float64 with references computed *here*, by autograd, independently of
 the recursion:
 
@@ -12,7 +12,7 @@ the recursion:
 The losses are torch's own (``F.cross_entropy``, ``F.mse_loss``), so hessdiag's conventions
 are checked too. Errors are normwise, max|a − b| / max|b|; a case passes when all three are
 ≤ :data:`TOLERANCE` and the per-neuron (diagonal-only) recursion is exact (same tolerance) on
-the layers where MATH §4.5 says it must be: the output Linear and the Linears into the top two
+the layers where docs/appendix.md says it must be: the output Linear and the Linears into the top two
 hidden layers. Below those its per-layer error ‖approx − exact‖/‖exact‖ is reported, not
 checked: it is what the approximation gets wrong. The symbolic checks of
 :mod:`hessdiag.symbolic` run after the battery.
@@ -38,7 +38,7 @@ from .objective import Objective
 
 TOLERANCE = 1e-10
 """Normwise relative error allowed for exact quantities: both sides are float64 routes to the
-same number (rounding is O(1e-15); MATH §4.7 saw ≤ 5e-12), while any wrong term is O(1)."""
+same number (rounding is O(1e-15); docs/appendix.md saw ≤ 5e-12), while any wrong term is O(1)."""
 
 #: label → activation spec: the paper's RCT-AF at ψ_max = 7 and the smooth baselines.
 ACTIVATIONS: dict[str, str] = {

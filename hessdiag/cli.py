@@ -1,4 +1,4 @@
-"""Command line (SPEC §3): argument parsing only; the API does the work.
+"""Command line (docs/cli.md): argument parsing only; the API does the work.
 
 Exit codes: 0 success; 2 bad input or usage (one line, no traceback); 1 unexpected
 internal error (short message; ``--debug`` shows the traceback).
@@ -72,7 +72,7 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import ESTIMATORS
     from .objective import HVP_ROUTES, LOSSES
 
-    p.add_argument("--data", metavar="SPEC",
+    p.add_argument("--data", metavar="DATA",
                    help="digits | tensors:PATH | npz:PATH | cifar10:DIR | cifar100:DIR "
                         "(default: the checkpoint's, else digits)")
     p.add_argument("--split", default="train", choices=("train", "test", "all"),
@@ -98,7 +98,7 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
                         "torch.func refuses the model (default: auto)")
     p.add_argument("--max-params", type=_positive_int, help="parameter budget of the exact estimator")
     p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
-    p.add_argument("--json", metavar="PATH", help="write the result document (SPEC §5) atomically")
+    p.add_argument("--json", metavar="PATH", help="write the result document (docs/index.md) atomically")
     p.add_argument("--plot", metavar="PATH", help="write a per-layer bar chart (png/svg/pdf)")
     p.add_argument("--quiet", action="store_true", help="print only the total; no progress bar")
 

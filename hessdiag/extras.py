@@ -101,7 +101,7 @@ def compute_extras(
     batches = [(x, y) for x, y, _ in objective.batches()]
 
     def criterion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return batch_mean_loss(objective.loss, output, target)  # SPEC §1 losses
+        return batch_mean_loss(objective.loss, output, target)  # the losses of docs/index.md
 
     result: dict[str, Any] = {}
     count = 0

@@ -1,4 +1,4 @@
-r"""The Gauss–Newton/residual split of the Hessian diagonal (MATH.md §4.2), in one place.
+r"""The Gauss–Newton/residual split of the Hessian diagonal (docs/math.md), in one place.
 
 By the chain rule, for L(θ) = (1/N) Σₙ ℓ(f(xₙ; θ), yₙ),
 

@@ -21,7 +21,7 @@ def mlp(
     num_classes: int = 10,
     activation: str = "tanh",
 ) -> nn.Sequential:
-    """Flatten → (Linear → φ) × len(hidden) → Linear (linear output, MATH.md §4.1)."""
+    """Flatten → (Linear → φ) × len(hidden) → Linear (linear output, docs/appendix.md)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for size in hidden:

@@ -1,6 +1,6 @@
 """The measured objective and the Hessian-vector-product plumbing every estimator shares.
 
-Given a model f(·; θ), a loss ℓ and N examples, the objective is (SPEC §1)
+Given a model f(·; θ), a loss ℓ and N examples, the objective is (docs/index.md, "What is measured")
 
     L(θ) = (1/N) Σₙ ℓ(f(xₙ; θ), yₙ),
 
@@ -65,7 +65,7 @@ def batch_mean_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
 
     ``ce``: ``cross_entropy(reduction="mean")`` with integer class targets.
     ``mse``: mean over batch *and* outputs of (f − y)², written out explicitly because
-    ``F.mse_loss`` fails under ``jvp(grad(·))`` (SPEC §8). Integer targets for a
+    ``F.mse_loss`` fails under ``jvp(grad(·))`` (docs/index.md). Integer targets for a
     multi-output model are one-hot encoded.
     """
     if loss == "ce":
@@ -171,7 +171,7 @@ class Objective:
     Args:
         model: any ``nn.Module``; its trainable parameters define θ.
         data: see :class:`BatchSource`.
-        loss: ``"ce"`` or ``"mse"`` (SPEC §1).
+        loss: ``"ce"`` or ``"mse"`` (docs/index.md, "What is measured").
         dtype: compute dtype (e.g. ``torch.float64``); default: the parameters' dtype.
         device: compute device; default: the parameters' device.
         batch_size: batch size used when ``data`` is an ``(x, y)`` pair.
@@ -433,7 +433,7 @@ class Objective:
         """(H − G)·V in one fused product per probe, same conventions as :meth:`hvp`.
 
         The residual is the Hessian of θ ↦ (1/N) Σₙ rₙᵀ f(xₙ; θ) with rₙ = ∇_f ℓₙ held
-        fixed (MATH.md §4.2), so each probe costs one forward-over-reverse product of a
+        fixed (docs/math.md), so each probe costs one forward-over-reverse product of a
         linear-in-outputs function — the price of one HVP, not of an HVP plus a GGN-VP.
         """
         product = self._accumulate(vectors, self._batch_residual_vp, chunk_size)
@@ -486,7 +486,7 @@ class Objective:
 
         For libraries that work on a stateful module (BackPACK, PyHessian) and would
         otherwise install hooks on, switch the mode of, or write ``.grad`` into the user's
-        model. Parameters outside θ are frozen; the copy is in eval mode (SPEC §1) and
+        model. Parameters outside θ are frozen; the copy is in eval mode (docs/index.md) and
         carries no ``.grad`` fields.
         """
         import copy

@@ -56,7 +56,7 @@ def check_outputs(json_path: str | None = None, plot_path: str | None = None) ->
 
 
 def write_json(result: Result, path: str | os.PathLike[str]) -> None:
-    """The SPEC §5 document, atomically."""
+    """The result document (docs/index.md, "Result document"), atomically."""
     try:
         atomic_write_text(path, result.to_json() + "\n")
     except OSError as err:

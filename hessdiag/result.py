@@ -1,4 +1,4 @@
-"""The result of a measurement: totals, per-layer norms, JSON (SPEC §5), table, plot.
+"""The result of a measurement: totals, per-layer norms, JSON (docs/index.md, "Result document"), table, plot.
 
 For a diagonal d ∈ R^P the reported number is the normalized norm ‖d‖₂/√P, the
 root-mean-square of the diagonal; per parameter tensor ("layer") ‖d_block‖₂/√P_block.
@@ -323,7 +323,7 @@ class Result:
     # -- serialization ------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The result document of SPEC §5 (without the raw diagonal)."""
+        """The result document (docs/index.md, "Result document"), without the raw diagonal."""
         doc: dict[str, Any] = {
             "hessdiag_version": __version__,
             "checkpoint": self.checkpoint,
@@ -366,7 +366,7 @@ class Result:
         return doc
 
     def to_json(self, indent: int | None = 2) -> str:
-        """SPEC §5 JSON text."""
+        """The result document as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
     # -- presentation -------------------------------------------------------------------

@@ -1,17 +1,17 @@
-r"""Symbolic (sympy) derivations and checks behind MATH.md §1 and §4.
+r"""Symbolic (sympy) derivations and checks behind docs/index.md ("Activations") and docs/appendix.md.
 
 * **RCT-AF.** :func:`rct_derived` derives f_n, f_n', f_n'' from the definition
   f_0 = log(1 + e^{αx})/α, f_{n+1} = x f_n'; :func:`check_rct_closed_forms` proves that the
-  closed forms of MATH §1.2 (in s = σ(u), q = s(1−s), t = 1−2s, w = 1−6q, u = αx) equal them,
+  closed forms of docs/index.md, "Activations" (in s = σ(u), q = s(1−s), t = 1−2s, w = 1−6q, u = αx) equal them,
   by reducing the difference to a rational function of E = e^{αx} that cancels to 0.
 * **ψ_max.** :func:`psi_coefficients` gives g_n''(0) = 2^n/4 exactly (1/4, 1/2, 1);
   :func:`prove_max_at_zero` proves that 0 is the global maximum of g_0'' and g_1'';
-  :func:`numerical_max_n2` checks n = 2 numerically (all roots of g_2''' on [0, 40]; MATH §1.3).
+  :func:`numerical_max_n2` checks n = 2 numerically (all roots of g_2''' on [0, 40]; docs/index.md, "Activations").
 * **Tiny networks with a generic φ.** φ is an undefined function whose derivatives φ', φ'', …
   are again undefined functions (:class:`Phi`, :class:`DPhi`, :class:`D2Phi`), so Hessian
   entries come out as polynomials in the symbols φ(z), φ'(z), φ''(z), the weights and the
   data. :func:`check_network` compares every diagonal entry of the exact Hessian (sympy
-  ``diff`` twice) with GN + the backward recursion of MATH §4.3 (full M, or the per-neuron
+  ``diff`` twice) with GN + the backward recursion of docs/appendix.md (full M, or the per-neuron
   diagonal-only M of §4.5); :func:`check_affine_in_phi2` checks the §4.6 property.
 
 :func:`run_symbolic_checks` runs them all (each within seconds) for ``hessdiag check``.
@@ -58,7 +58,7 @@ def rct_derived(n: int) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
 
 
 def rct_closed(n: int) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
-    """The closed forms of MATH §1.2 with s, q, t, w written in E = e^{αx} (u = αx)."""
+    """The closed forms of docs/index.md, "Activations" with s, q, t, w written in E = e^{αx} (u = αx)."""
     u = ALPHA * X
     s = E / (1 + E)
     q = E / (1 + E) ** 2
@@ -144,10 +144,10 @@ def prove_max_at_zero() -> dict[int, bool]:
 def numerical_max_n2(digits: int = 30, bound: float = 40.0, step: float = 1e-3) -> dict[str, object]:
     """All critical points of the even g_2'' on [0, bound] and where the maximum sits.
 
-    g_2''' = q·B(u) with B = 9t + 7uw + u²t(1 − 12q) (MATH §1.2; the identity is checked
+    g_2''' = q·B(u) with B = 9t + 7uw + u²t(1 − 12q) (docs/index.md, "Activations"; the identity is checked
     symbolically here) and q > 0, so the critical points are the roots of B: sign changes on a
     float64 grid (B has no cancellation), each refined by mpmath ``findroot`` at ``digits``.
-    A numerical statement: g_2'' is negligible beyond the bound (MATH §1.3).
+    A numerical statement: g_2'' is negligible beyond the bound (docs/index.md, "Activations").
     """
     import mpmath
     import numpy as np
@@ -240,10 +240,10 @@ class NetworkCheck:
 
 
 def check_network(sizes: Sequence[int], loss: str = "squared", per_neuron: bool = False) -> NetworkCheck:
-    """Exact diag(H) (sympy diff) versus GN + the MATH §4.3 recursion on an MLP of ``sizes``.
+    """Exact diag(H) (sympy diff) versus GN + the docs/appendix.md recursion on an MLP of ``sizes``.
 
     ``loss``: ``"squared"`` (½(f − y)², scalar output) or ``"generic"`` (ℓ(f_1, f_2), two
-    outputs, an undefined function). ``per_neuron``: use the diagonal-only M of MATH §4.5.
+    outputs, an undefined function). ``per_neuron``: use the diagonal-only M of docs/appendix.md
     One example; the batch mean is an average of such terms.
     """
     sizes = tuple(sizes)
@@ -413,7 +413,7 @@ def run_symbolic_checks() -> list[tuple[str, bool, str, float]]:
         diag = check_network((1, 2, 2, 2, 1), "squared", per_neuron=True)
         ok = not full.failures and sorted(diag.failures) == ["W1_11", "W1_21", "b1_1", "b1_2"]
         return ok, (f"full M: {len(full.matches) - len(full.failures)}/{len(full.matches)} exact; "
-                    f"diagonal-only M fails on {len(diag.failures)} ({', '.join(diag.failures)}), as MATH §4.5 says")
+                    f"diagonal-only M fails on {len(diag.failures)} ({', '.join(diag.failures)}), as docs/appendix.md says")
 
     def generic() -> tuple[bool, str]:
         c = check_network((2, 2, 2), "generic")

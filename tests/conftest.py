@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Two shared cores: small kernels are fastest single-threaded and OpenMP busy-waiting
-# on a loaded machine slows them by orders of magnitude (SPEC §8).
+# on a loaded machine slows them by orders of magnitude (docs/index.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(1)
 

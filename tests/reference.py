@@ -103,7 +103,7 @@ def split_like(flat_diag: Tensor, model: nn.Module) -> dict[str, Tensor]:
 
 
 def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
-    """Full P×P residual part of the Hessian (MATH.md §4.3), float64.
+    """Full P×P residual part of the Hessian (docs/appendix.md), float64.
 
     The Hessian of θ ↦ Σ_{n,c} R_{nc} f_{nc}(θ) with R = ∂L/∂f (the gradient of the mean
     loss with respect to all N×C outputs) evaluated at θ₀ and then frozen; equivalently

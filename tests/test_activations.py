@@ -58,7 +58,7 @@ def normwise_error(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_rct_derivatives_up_to_fourth_order_match_autograd_of_plain_formula(n, alpha):
     # The reference's autograd forms s(1 - s), which cancels: its relative error grows like
-    # e^{|u|}·eps (MATH.md §3 caveat: 2e-10 at |u| ≈ 17). Measured normwise against the largest
+    # e^{|u|}·eps (docs/index.md "Activations" caveat: 2e-10 at |u| ≈ 17). Measured normwise against the largest
     # magnitude, the whole grid at α = 50 (|u| up to 150) still reaches 1.3e-13 of reference error;
     # on |αx| ≤ 8 the closed forms agree to 1.6e-14, so 1e-13 there keeps a 6x margin.
     x = torch.linspace(-3.0, 3.0, 1201, dtype=torch.float64)
@@ -113,7 +113,7 @@ def _tiny_net_loss(act):
     def loss(flat: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = (p.reshape(s) for p, s in zip(torch.split(flat, sizes), shapes))
         out = act(x @ w1.T + b1) @ w2.T + b2
-        return ((out - y) ** 2).mean()  # explicit MSE: F.mse_loss fails under jvp(grad) (SPEC §8)
+        return ((out - y) ** 2).mean()  # explicit MSE: F.mse_loss fails under jvp(grad) (docs/index.md)
 
     params = torch.randn(sum(sizes), dtype=torch.float64)
     return loss, params
@@ -178,10 +178,10 @@ def test_invalid_rct_arguments_raise_value_error(bad):
 
 
 # ---------------------------------------------------------------------------------------------
-# ψ_max of the baselines (MATH.md §2)
+# ψ_max of the baselines (docs/index.md, "Activations")
 # ---------------------------------------------------------------------------------------------
 
-# name -> (MATH.md §2 table value at 4 significant figures, exact value or None)
+# name -> (the docs/index.md "Activations" table value at 4 significant figures, exact value or None)
 PSI_TABLE = {
     "softplus": (0.25, 0.25),
     "silu": (0.5, 0.5),

@@ -1,4 +1,4 @@
-"""The analytic MLP recursion (MATH §4) against independent float64 autograd references."""
+"""The analytic MLP recursion (docs/appendix.md) against independent float64 autograd references."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ from .reference import (
 )
 
 # Both sides are float64; the recursion and reverse-over-reverse autograd differ only in
-# rounding (O(1e-15) relative, MATH §4.7 measured ≤ 5e-12 worst case, from the reference's
+# rounding (O(1e-15) relative, docs/appendix.md measured ≤ 5e-12 worst case, from the reference's
 # own autograd φ''). 1e-10 normwise leaves room for that yet fails any wrong term.
 RTOL = 1e-10
 
@@ -143,7 +143,7 @@ def test_unsupported_models_are_rejected(model):
         mlp_structure(model)
 
 
-# -- the per-neuron (diagonal-only) approximation, MATH §4.5 --------------------------------
+# -- the per-neuron (diagonal-only) approximation, docs/appendix.md --------------------------------
 
 
 def per_layer_errors(approx, exact):
@@ -167,11 +167,11 @@ def test_per_neuron_is_wrong_below_the_top_two_hidden_layers(activation):
     exact_layers = ["5.weight", "5.bias", "7.weight", "7.bias", "9.weight", "9.bias"]
     wrong_layers = ["1.weight", "1.bias", "3.weight", "3.bias"]
     assert all(errors[n] < 1e-13 for n in exact_layers), errors
-    # Measured 9–26 % here (MATH §4.5: 9–57 % on random MLPs); 1 % is far above rounding.
+    # Measured 9–26 % here (docs/appendix.md: 9–57 % on random MLPs); 1 % is far above rounding.
     assert all(errors[n] > 1e-2 for n in wrong_layers), errors
 
 
-# -- φ″ enters affinely, MATH §4.6 ------------------------------------------------------------
+# -- φ″ enters affinely, docs/math.md ------------------------------------------------------------
 
 
 class ScaledCurvature(nn.Module):

@@ -1,4 +1,4 @@
-"""`hessdiag measure` on every input kind and every kind of bad input (SPEC §3–5).
+"""`hessdiag measure` on every input kind and every kind of bad input (docs/cli.md, docs/index.md).
 
 Bad input must end in exit 2 with one line on stderr and no traceback; output files are
 written only after success, atomically.

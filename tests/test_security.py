@@ -1,4 +1,4 @@
-"""Loading never runs code from a file unless the user trusts it (SPEC §4).
+"""Loading never runs code from a file unless the user trusts it (docs/index.md, "Checkpoints and data").
 
 Each payload is a pickle whose unpickling creates a marker file. The CLI must refuse it
 with exit 2 and the marker must not appear; with ``--trust-checkpoint`` the same file

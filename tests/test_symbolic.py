@@ -44,7 +44,7 @@ def test_numeric_closed_forms_match_the_derived_expressions(n, alpha):
             fn = rct_numeric(n, order)
             for x, value in zip(xs, got):
                 ref = float(fn(mpmath.mpf(x), mpmath.mpf(alpha)))
-                # float64 closed forms: relative error ~1e-15 (MATH §3), absolute near zeros.
+                # float64 closed forms: relative error ~1e-15 (docs/index.md, "Activations"), absolute near zeros.
                 assert value == pytest.approx(ref, rel=1e-12, abs=1e-14 * max(1.0, alpha) ** order)
 
 
@@ -58,7 +58,7 @@ def test_maximum_at_zero_is_proved_for_n0_n1_and_found_numerically_for_n2():
     assert prove_max_at_zero() == {0: True, 1: True}
     n2 = numerical_max_n2()
     assert n2["argmax"] == 0.0 and n2["max"] == pytest.approx(1.0, abs=1e-15)
-    # MATH §1.3: minima −0.2314215 at u = ±2.162438, maxima +0.0252907 at u = ±5.521065.
+    # docs/index.md, "Activations": minima −0.2314215 at u = ±2.162438, maxima +0.0252907 at u = ±5.521065.
     others = n2["critical_points"][1:]
     assert [round(u, 6) for u, _ in others] == [2.162438, 5.521065]
     assert [round(v, 7) for _, v in others] == [-0.2314215, 0.0252907]
@@ -67,7 +67,7 @@ def test_maximum_at_zero_is_proved_for_n0_n1_and_found_numerically_for_n2():
 def test_two_two_one_squared_loss_is_exact():
     check = check_network((2, 2, 1), "squared")
     assert len(check.matches) == 9 and not check.failures
-    # With ≤ 2 hidden layers the diagonal-only recursion is exact too (MATH §4.5).
+    # With ≤ 2 hidden layers the diagonal-only recursion is exact too (docs/appendix.md).
     assert not check_network((2, 2, 1), "squared", per_neuron=True).failures
 
 

@@ -5,7 +5,7 @@ BackPACK works per batch on a loss *module*: for the batch-mean loss ℓ̄_b it 
 field ``diag_ggn_exact``) on every parameter after one extended backward pass. We
 accumulate ``Σ_b (n_b/N) · diag_b`` exactly like :class:`~hessdiag.objective.Objective`, so
 the result is the diagonal of L(θ) = (1/N) Σₙ ℓₙ whatever the batch size. The losses match
-SPEC §1: ``CrossEntropyLoss(reduction="mean")`` and ``MSELoss(reduction="mean")`` (BackPACK
+docs/index.md, "What is measured": ``CrossEntropyLoss(reduction="mean")`` and ``MSELoss(reduction="mean")`` (BackPACK
 divides its Hessian by N·C for the latter, i.e. mean over batch *and* outputs).
 
 ``extend()`` installs hooks that break ``torch.func`` and BackPACK looks modules up by exact

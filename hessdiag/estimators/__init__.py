@@ -1,4 +1,4 @@
-"""Estimators of the loss-Hessian diagonal, chosen by name (SPEC §2)."""
+"""Estimators of the loss-Hessian diagonal, chosen by name (docs/index.md, "Estimators")."""
 
 from __future__ import annotations
 

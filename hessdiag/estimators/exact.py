@@ -8,7 +8,7 @@ the data; memory: O(k·P) for the block plus the HVP chunk's activations.
 
 Fast path: for an MLP that :mod:`hessdiag.analytic` supports (``nn.Sequential`` of Linear
 layers and closed-form activations), the diagonal comes from the exact pre-activation-Hessian
-recursion of MATH.md §4.3 in one data pass, no HVPs, and with the GGN/residual split
+recursion of docs/appendix.md in one data pass, no HVPs, and with the GGN/residual split
 (``info["ggn"]``, ``info["residual"]``).
 
 Piecewise-linear path: for a network that is affine in each parameter with only

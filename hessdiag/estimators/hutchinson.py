@@ -1,4 +1,4 @@
-"""Hutchinson's stochastic diagonal with an unbiased norm and a jackknife interval (SPEC §2).
+"""Hutchinson's stochastic diagonal with an unbiased norm and a jackknife interval (docs/index.md, "Estimators").
 
 For Rademacher probes z (entries ±1, E z zᵀ = I), d̂ = z ⊙ (H z) is unbiased for
 d = diag H: E[zᵢ (Hz)ᵢ] = Σⱼ Hᵢⱼ E[zᵢzⱼ] = Hᵢᵢ. H z is accumulated over all measured

@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §4): every kind a user brings, loaded without running checkpoint code.
+"""Checkpoints (docs/index.md, "Checkpoints and data"): every kind a user brings, loaded without running checkpoint code.
 
 Kinds, in the order they are recognized:
 
@@ -233,7 +233,7 @@ def load_checkpoint(
     model_kwargs: Mapping[str, Any] | None = None,
     trust: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model from any checkpoint kind of SPEC §4.
+    """Load a model from any checkpoint kind of docs/index.md, "Checkpoints and data".
 
     Args:
         path: the checkpoint file (``.pt``/``.pth``/``.ckpt`` or ``.safetensors``).

@@ -1,4 +1,4 @@
-"""Data specs (SPEC §4): strings such as ``digits`` or ``npz:PATH`` → ``(x, y)`` tensors.
+"""Data specs (docs/index.md, "Checkpoints and data"): strings such as ``digits`` or ``npz:PATH`` → ``(x, y)`` tensors.
 
 Nothing is ever downloaded.
 

@@ -1,4 +1,4 @@
-"""Stochastic estimators (hutchinson*, SPEC §2) against exact float64 Hessian diagonals."""
+"""Stochastic estimators (hutchinson*, docs/index.md, "Estimators") against exact float64 Hessian diagonals."""
 
 import math
 

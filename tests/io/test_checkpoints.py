@@ -62,7 +62,7 @@ def test_corrupt_file_is_a_checkpoint_error(tmp_path):
         load_checkpoint(path)
 
 
-# -- every checkpoint kind of SPEC §4 ----------------------------------------------------
+# -- every checkpoint kind of docs/index.md, "Checkpoints and data" ----------------------------------------------------
 
 MODEL = "hessdiag.models:mlp"
 
