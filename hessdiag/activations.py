@@ -111,6 +111,8 @@ def _sigmoid_poly(m: int) -> tuple[int, tuple[int, ...]]:
 def _sigmoid_derivative(m: int, s: Tensor, q: Tensor, t: Tensor) -> Tensor:
     if m == 0:
         return s
+    if m == 1:
+        return q
     parity, coeffs = _sigmoid_poly(m)
     poly = torch.full_like(q, float(coeffs[-1]))
     for c in reversed(coeffs[:-1]):
@@ -121,16 +123,14 @@ def _sigmoid_derivative(m: int, s: Tensor, q: Tensor, t: Tensor) -> Tensor:
 
 def _rct_closed_form(x: Tensor, n: int, alpha: float, order: int) -> Tensor:
     """f_n^{(order)}(x) from the stable closed forms (no autograd involved)."""
+    if order == 0:
+        return _rct_value(x, n, alpha)
+    if order == 1:
+        return _rct_first(x, n, alpha)
     u = alpha * x
     s = torch.sigmoid(u)
-    if order == 0 and n == 0:
-        # x⁺ + log1p(e^{-|u|})/α instead of (u⁺ + ...)/α: the same number, but u may overflow.
-        return x.clamp(min=0) + torch.log1p(torch.exp(-u.abs())) / alpha
     q = s * torch.sigmoid(-u)  # s(1 - s) without cancellation
-    bound = _exp_underflow_bound(x.dtype)
-    uc = u.clamp(-bound, bound)
-    if order == 0:
-        return x * s if n == 1 else x * (s + uc * q)
+    uc = _clamped(u)
     t = -torch.tanh(0.5 * uc)  # 1 - 2s without cancellation
 
     def sig(m: int) -> Tensor:
@@ -143,17 +143,98 @@ def _rct_closed_form(x: Tensor, n: int, alpha: float, order: int) -> Tensor:
         g = k * sig(k - 1) + uc * sig(k)
     else:
         g = k * k * sig(k - 1) + (2 * k + 1) * uc * sig(k) + uc * uc * sig(k + 1)
-    return g if k == 1 else g * alpha ** (k - 1)
+    return g * alpha ** (k - 1)
 
 
-class _RCTAFDerivative(torch.autograd.Function):
-    """x ↦ f_n^{(order)}(x). Its backward and jvp are this Function at order + 1.
+# Orders 0 and 1 run in every training step, on every activation of a network, so they are
+# written as few passes over fresh buffers as the stable forms allow (on CPU a new large
+# buffer costs page faults; in-place updates of the few intermediates avoid most of them).
+# Same formulas as the general k above, with t = 1 - 2s formed directly: it cancels only
+# near u = 0, where it multiplies u², so the absolute error stays at eps.
 
-    One Function parametrised by the order (rather than one class per order) because the
-    derivative of every node is again a closed form of the same shape; this makes double and
-    triple backward, forward-over-reverse HVPs and vmap all reuse the closed forms, and no node
-    ever falls back to autograd of the naive formula (which cancels in s(1 - s)).
+
+@lru_cache(maxsize=None)
+def _softplus_threshold(dtype: torch.dtype) -> float:
+    # F.softplus returns x itself once βx exceeds the threshold. Beyond u = 1 - log(eps) the
+    # dropped term log1p(e^{-u})/α < e^{-u}/α is below half an ulp of x = u/α, so the switch
+    # is exact in `dtype` (torch's default threshold 20 is not, in float64).
+    return -math.log(torch.finfo(dtype).eps) + 1.0
+
+
+def _rct_value(x: Tensor, n: int, alpha: float) -> Tensor:
+    """f_n(x)."""
+    if n == 0:
+        # softplus(αx)/α, torch's fused kernel (log1p(exp(βx))/β below the threshold).
+        return F.softplus(x, beta=alpha, threshold=_softplus_threshold(x.dtype))
+    u = _clamped_(alpha * x)
+    s = torch.sigmoid(u)
+    if n == 1:
+        return s.mul_(x)  # x s
+    q = torch.neg(u).sigmoid_().mul_(s)  # s(1 - s) = s σ(-u)
+    return q.mul_(u).add_(s).mul_(x)  # x (s + u q)
+
+
+def _rct_first(x: Tensor, n: int, alpha: float) -> Tensor:
+    """f_n'(x) = g_n'(αx): s, s + u q, s + q u (3 + u t) for n = 0, 1, 2."""
+    u = _clamped_(alpha * x)
+    s = torch.sigmoid(u)
+    if n == 0:
+        return s
+    q = torch.neg(u).sigmoid_().mul_(s)
+    if n == 1:
+        return q.mul_(u).add_(s)
+    ut = torch.mul(u, s).mul_(-2.0).add_(u)  # u t = u (1 - 2s)
+    return ut.add_(3.0).mul_(u).mul_(q).add_(s)
+
+
+def _rct_first_vjp(grad_out: Tensor, x: Tensor, n: int, alpha: float) -> Tensor:
+    """grad_out · f_n'(x) for a backward pass that builds no graph (the training step).
+
+    For n = 0 and 1 torch's fused kernels compute exactly this product: softplus_backward
+    (grad · σ(αx)) and silu_backward (grad · σ(u)(1 + u(1 - σ(u))) = grad · f_1'(x)). The
+    latter forms 1 - σ(u) directly, which loses relative accuracy in the term u(1 - σ(u))
+    once σ(u) rounds to 1; the product's relative error stays below u·eps ≤ 40 ulp there,
+    immaterial for a gradient step. Every node of a graph that is differentiated again
+    (create_graph, torch.func, forward mode) uses the cancellation-free closed forms.
     """
+    if n == 0:
+        return torch.ops.aten.softplus_backward(grad_out, x, alpha, _softplus_threshold(x.dtype))
+    if n == 1:
+        # u clamped: an overflowing αx (float16) must give f' ∈ {0, 1}, not inf·0 = NaN. The
+        # kernel computes half types in float32, so the float32 bound keeps it exact there.
+        u = alpha * x
+        bound = _exp_underflow_bound(torch.promote_types(u.dtype, torch.float32))
+        return torch.ops.aten.silu_backward(grad_out, u.clamp_min_(-bound).clamp_max_(bound))
+    return _rct_first(x, n, alpha).mul_(grad_out)
+
+
+class _RCTAFNodeMixin:
+    """Backward and jvp shared by the two Function classes below.
+
+    The node x ↦ f_n^{(order)}(x); its backward and jvp are the node at order + 1, so double
+    and triple backward, forward-over-reverse HVPs and vmap all reuse the closed forms, and
+    no node ever falls back to autograd of the naive formula (which cancels in s(1 - s)).
+    A backward that builds no graph (grad mode off inside backward, i.e. no create_graph)
+    needs no node and takes the fused kernels of :func:`_rct_first_vjp`.
+    """
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (x,) = ctx.saved_tensors
+        if ctx.order == 0 and not torch.is_grad_enabled():
+            return _rct_first_vjp(grad_out, x, ctx.n, ctx.alpha), None, None, None
+        return grad_out * _rct_node(x, ctx.n, ctx.alpha, ctx.order + 1), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor, *_: Any) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return _rct_node(x, ctx.n, ctx.alpha, ctx.order + 1) * x_t
+
+
+class _RCTAFDerivative(_RCTAFNodeMixin, torch.autograd.Function):
+    """The node for torch.func transforms (vmap, grad, jvp): setup_context style."""
 
     generate_vmap_rule = True
 
@@ -168,17 +249,33 @@ class _RCTAFDerivative(torch.autograd.Function):
         ctx.save_for_forward(x)
         ctx.n, ctx.alpha, ctx.order = n, alpha, order
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (x,) = ctx.saved_tensors
-        return grad_out * _RCTAFDerivative.apply(x, ctx.n, ctx.alpha, ctx.order + 1), None, None, None
+
+class _RCTAFDerivativeEager(_RCTAFNodeMixin, torch.autograd.Function):
+    """The same node for plain autograd: ctx in forward.
+
+    ``Function.apply`` binds the arguments of a setup_context-style forward through
+    ``inspect.signature`` on every call (~50–100 µs), several times the cost of a small
+    activation; outside torch.func transforms this classic form does the same work without it.
+    """
 
     @staticmethod
-    def jvp(ctx: Any, x_t: Tensor, *_: Any) -> Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return _RCTAFDerivative.apply(x, ctx.n, ctx.alpha, ctx.order + 1) * x_t
+    def forward(ctx: Any, x: Tensor, n: int, alpha: float, order: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.n, ctx.alpha, ctx.order = n, alpha, order
+        return _rct_closed_form(x, n, alpha, order)
+
+
+_functorch_active: Callable[[], bool] = getattr(
+    torch._C, "_are_functorch_transforms_active", lambda: True
+)
+
+
+def _rct_node(x: Tensor, n: int, alpha: float, order: int) -> Tensor:
+    """f_n^{(order)}(x) as an autograd node (the eager class unless a torch.func transform runs)."""
+    if _functorch_active():
+        return _RCTAFDerivative.apply(x, n, alpha, order)
+    return _RCTAFDerivativeEager.apply(x, n, alpha, order)
 
 
 def _check_rct_params(n: Any, alpha: Any) -> tuple[int, float]:
@@ -203,7 +300,7 @@ def rct_af(x: Tensor, n: int = 1, alpha: float = 1.0) -> Tensor:
     if has_torch_function_unary(x):
         return handle_torch_function(rct_af, (x,), x, n=n, alpha=alpha)
     n, alpha = _check_rct_params(n, alpha)
-    return _RCTAFDerivative.apply(x, n, alpha, 0)
+    return _rct_node(x, n, alpha, 0)
 
 
 def rct_af_derivative(x: Tensor, n: int, alpha: float, order: int) -> Tensor:
@@ -215,7 +312,7 @@ def rct_af_derivative(x: Tensor, n: int, alpha: float, order: int) -> Tensor:
     n, alpha = _check_rct_params(n, alpha)
     if isinstance(order, bool) or not isinstance(order, int) or order < 0:
         raise HessdiagError(f"derivative order must be an int >= 0, got {order!r}")
-    return _RCTAFDerivative.apply(x, n, alpha, order)
+    return _rct_node(x, n, alpha, order)
 
 
 class RCTAF(nn.Module):
@@ -275,12 +372,18 @@ def _clamped(x: Tensor) -> Tensor:
     return x.clamp(-bound, bound)
 
 
+def _clamped_(x: Tensor) -> Tensor:
+    """:func:`_clamped` in place, for a fresh intermediate."""
+    bound = _exp_underflow_bound(x.dtype)
+    return x.clamp_min_(-bound).clamp_max_(bound)  # clamp_ has no vmap batching rule
+
+
 def _derivs_rct(m: RCTAF) -> ElementwiseDerivatives:
     n, a = m.n, m.alpha
     return ElementwiseDerivatives(
-        phi=lambda x: _RCTAFDerivative.apply(x, n, a, 0),
-        dphi=lambda x: _RCTAFDerivative.apply(x, n, a, 1),
-        d2phi=lambda x: _RCTAFDerivative.apply(x, n, a, 2),
+        phi=lambda x: _rct_node(x, n, a, 0),
+        dphi=lambda x: _rct_node(x, n, a, 1),
+        d2phi=lambda x: _rct_node(x, n, a, 2),
         psi_max=m.psi_max,
     )
 

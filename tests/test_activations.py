@@ -96,6 +96,47 @@ def test_rct_is_finite_and_correct_at_extreme_inputs(n, dtype):
     assert d2[0].item() == pytest.approx(C_N[n] * 50.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_rct_plain_backward_matches_the_closed_form_derivative(n, dtype):
+    # A backward without create_graph (a training step) takes torch's fused kernels for
+    # n = 0, 1 (softplus_backward, silu_backward). silu_backward forms 1 - σ(u), so near
+    # the point where σ(u) rounds to 1 its relative error reaches u·eps: ≤ 40 ulp for
+    # |u| ≤ 40 (float64); 64 ulp is the stated bound. n = 2 uses the closed form itself.
+    # Relative to the magnitude of the closed form's terms (s, |u| q, q u² ...), since
+    # f_1' and f_2' cross 0, where no formula has a small relative error.
+    eps = torch.finfo(dtype).eps
+    x = torch.linspace(-4.0, 4.0, 4001, dtype=dtype).requires_grad_(True)
+    rct_af(x, n, 10.0).sum().backward()
+    closed = rct_af_derivative(x.detach(), n, 10.0, 1)
+    u = 10.0 * x.detach()
+    s, q = torch.sigmoid(u), torch.sigmoid(u) * torch.sigmoid(-u)
+    scale = s + u.abs() * q * (4.0 + u.abs())
+    assert float(((x.grad - closed).abs() / scale).max()) <= 64 * eps
+    big = torch.tensor([-1e4, -100.0, 100.0, 1e4], dtype=dtype, requires_grad=True)
+    RCTAF(n, 50.0)(big).sum().backward()
+    assert torch.equal(big.grad, (big.detach() > 0).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_rct_plain_backward_is_finite_where_alpha_x_overflows(n, dtype):
+    x = torch.tensor([0.0, 1e4, -1e4], dtype=dtype, requires_grad=True)  # 50·1e4 is inf in float16
+    RCTAF(n, 50.0)(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[1] == 1 and x.grad[2] == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_rct_saves_only_its_input_for_backward(n):
+    # One saved tensor per activation, as SiLU: the input (docs/benchmarks.md, "activations").
+    x = torch.randn(64, requires_grad=True)
+    z = x * 2.0
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rct_af(z, n, 7.0)
+    assert len(saved) == 1 and saved[0] is z
+
+
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_rct_passes_gradcheck_and_gradgradcheck(n):
     x = torch.linspace(-1.5, 1.5, 13, dtype=torch.float64, requires_grad=True)
