@@ -51,7 +51,11 @@ _SWEEP_KEYS = {"data": "digits", "seeds": [0], "eps": 0.1, "max_train": None, "m
                "device": "cpu"}
 _ACT_KEYS = {"rct_n": [], "psi": [], "baselines": []}
 _TRAIN_KEYS = {"methods": ["standard"], "epochs": 20, "lr": 3e-3, "batch_size": 64, "steps": 10,
-               "alpha": None, "beta": 6.0, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9}
+               "alpha": None, "beta": 6.0, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9,
+               "lr_schedule": "constant"}
+# Keys added after a sweep format was in use enter a run's config (and so its id) only when
+# they differ from these defaults: existing results keep their ids and are not rerun.
+_LATER_KEYS = {"training": {"lr_schedule": "constant"}}
 _EVAL_KEYS = {"pgd_steps": 20, "autoattack": False, "batch_size": 512}
 _MEASURE_KEYS = {"estimator": "auto", "max_examples": None, "samples": None, "rtol": 0.05,
                  "max_samples": 1024, "seed": 0, "dtype": None, "adversarial": True}
@@ -113,7 +117,7 @@ def validate(doc: dict[str, Any], source: str = "config") -> dict[str, Any]:
     from ..activations import get_activation
     from ..estimators import ESTIMATORS
     from ..models import FACTORIES
-    from .training import METHODS, OPTIMIZERS
+    from .training import LR_SCHEDULES, METHODS, OPTIMIZERS
 
     unknown = sorted(set(doc) - set(_TABLES) - {"models"})
     if unknown:
@@ -189,6 +193,9 @@ def validate(doc: dict[str, Any], source: str = "config") -> dict[str, Any]:
         _fail(source, f"[training] alpha must be a number > 0, got {tr['alpha']!r}")
     if tr["optimizer"] not in OPTIMIZERS:
         _fail(source, f"[training] optimizer must be one of {', '.join(OPTIMIZERS)}, got {tr['optimizer']!r}")
+    if tr["lr_schedule"] not in LR_SCHEDULES:
+        _fail(source, f"[training] lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                      f"got {tr['lr_schedule']!r}")
 
     ev = cfg["evaluation"]
     _check_positive_int(ev["pgd_steps"], f"{source}: [evaluation] pgd_steps")
@@ -266,7 +273,8 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
         for activation in _activations(cfg["activations"]):
             for method in tr["methods"]:
                 for seed in sw["seeds"]:
-                    training = {k: v for k, v in tr.items() if k != "methods"}
+                    training = {k: v for k, v in tr.items() if k != "methods"
+                                and _LATER_KEYS["training"].get(k, object()) != v}
                     config = {
                         "schema": SCHEMA_VERSION, "model": model, "model_kwargs": kwargs,
                         "activation": activation, "method": method, "seed": seed,
@@ -436,7 +444,7 @@ def execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
                     batch_size=tr["batch_size"], eps=c["eps"] if adversarial else None,
                     alpha=tr["alpha"] if adversarial else None, steps=tr["steps"], beta=tr["beta"],
                     seed=c["seed"], optimizer=tr["optimizer"], weight_decay=tr["weight_decay"],
-                    momentum=tr["momentum"])
+                    momentum=tr["momentum"], lr_schedule=tr.get("lr_schedule", "constant"))
     ev = c["evaluation"]
     attacks = ("pgd", "autoattack") if ev["autoattack"] else ("pgd",)
     robust = evaluate(model, (x_test, y_test), c["eps"], attacks=attacks, pgd_steps=ev["pgd_steps"],

@@ -44,8 +44,12 @@ from ._common import (ExperimentError, as_pair, check_eps, check_positive_int, c
 
 METHODS = ("standard", "pgd-at", "trades")
 OPTIMIZERS = ("adam", "sgd")
+#: Learning-rate schedules, applied per epoch e of E: constant; cosine, lr·(1 + cos(πe/E))/2;
+#: piecewise, lr × 0.1 from epoch ⌊E/2⌋ and × 0.01 from ⌊3E/4⌋ (Madry et al. 2018; Rice et
+#: al. 2020 use it for PGD-AT on CIFAR-10).
+LR_SCHEDULES = ("constant", "cosine", "piecewise")
 
-__all__ = ["METHODS", "OPTIMIZERS", "TrainingConfig", "TrainingHistory", "train"]
+__all__ = ["LR_SCHEDULES", "METHODS", "OPTIMIZERS", "TrainingConfig", "TrainingHistory", "train"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class TrainingConfig:
     alpha: float | None
     steps: int | None
     beta: float | None
+    lr_schedule: str = "constant"
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict, fit for a checkpoint's ``meta`` or a JSON record."""
@@ -92,11 +97,13 @@ class TrainingHistory:
 
 def _resolve(method: str, epochs: int, lr: float, batch_size: int, eps: float | None,
              alpha: float | None, steps: int, beta: float, seed: int, optimizer: str,
-             weight_decay: float, momentum: float) -> TrainingConfig:
+             weight_decay: float, momentum: float, lr_schedule: str) -> TrainingConfig:
     if method not in METHODS:
         raise ExperimentError(f"unknown training method {method!r}; choose one of {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
         raise ExperimentError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ExperimentError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -121,7 +128,17 @@ def _resolve(method: str, epochs: int, lr: float, batch_size: int, eps: float | 
         momentum=float(momentum) if optimizer == "sgd" else None,
         eps=eps if adversarial else None, alpha=alpha if adversarial else None,
         steps=steps if adversarial else None, beta=float(beta) if method == "trades" else None,
+        lr_schedule=lr_schedule,
     )
+
+
+def epoch_lr(cfg: TrainingConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.lr_schedule == "piecewise":
+        return cfg.lr * (0.01 if epoch >= (3 * cfg.epochs) // 4 else 0.1 if epoch >= cfg.epochs // 2 else 1.0)
+    return cfg.lr
 
 
 def _optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -148,6 +165,7 @@ def train(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     momentum: float = 0.9,
+    lr_schedule: str = "constant",
 ) -> TrainingHistory:
     """Train ``model`` in place; returns its :class:`TrainingHistory`. Leaves it in eval mode.
 
@@ -165,12 +183,14 @@ def train(
         seed: seeds the batch order and the attacks' random starts.
         optimizer: ``"adam"`` (default) or ``"sgd"`` (with ``momentum``); both take
             ``weight_decay`` (L2, coupled).
+        lr_schedule: ``"constant"`` (default), ``"cosine"`` or ``"piecewise"`` (set per
+            epoch; see :data:`LR_SCHEDULES`).
 
     Raises:
         ExperimentError: a bad argument, or inputs outside [0, 1] for an adversarial method.
     """
     cfg = _resolve(method, epochs, lr, batch_size, eps, alpha, steps, beta, seed, optimizer,
-                   weight_decay, momentum)
+                   weight_decay, momentum, lr_schedule)
     x, y = as_pair(data, "train")
     device, dtype = model_device(model), model_dtype(model)
     if cfg.method != "standard":
@@ -182,7 +202,9 @@ def train(
         opt = _optimizer(model, cfg)
         order_rng = torch.Generator().manual_seed(cfg.seed)
         model.train()
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
+            for group in opt.param_groups:
+                group["lr"] = epoch_lr(cfg, epoch)
             order = torch.randperm(len(y), generator=order_rng)
             total = 0.0
             for i in range(0, len(y), cfg.batch_size):

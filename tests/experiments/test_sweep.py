@@ -160,7 +160,19 @@ BAD = {
     "bad toml": "[models.mlp\n",
     "repeated psi": "[models.mlp]\n[activations]\nrct_n = [1]\npsi = [4, 4.0]\n",
     "bad device": "[sweep]\ndevice = 'gpu'\n[models.mlp]\n[activations]\nbaselines = ['gelu']\n",
+    "bad schedule": "[models.mlp]\n[activations]\nbaselines = ['gelu']\n[training]\nlr_schedule = 'step'\n",
 }
+
+
+def test_lr_schedule_enters_the_run_id_only_when_set(tmp_path):
+    # Results written before the key existed keep their ids: the default is left out.
+    base = TINY.read_text()
+    constant, cosine = tmp_path / "constant.toml", tmp_path / "cosine.toml"
+    constant.write_text(base.replace("[training]", "[training]\nlr_schedule = \"constant\""))
+    cosine.write_text(base.replace("[training]", "[training]\nlr_schedule = \"cosine\""))
+    ids = [[r.id for r in expand(load_config(p))] for p in (TINY, constant, cosine)]
+    assert ids[0] == ids[1] and not set(ids[0]) & set(ids[2])
+    assert all(r.config["training"]["lr_schedule"] == "cosine" for r in expand(load_config(cosine)))
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
@@ -238,3 +250,15 @@ def test_a_failing_run_is_reported_and_retried(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "failed" in out and "1 failed" in out
     assert read_results(tmp_path / "out" / RESULTS) == []
+
+
+def test_the_shipped_sweep_configs_are_valid(tmp_path):
+    digits = expand(load_config(ROOT / "examples" / "sweeps" / "digits.toml"))
+    assert len(digits) == 108 and {r.config["seed"] for r in digits} == {0, 1, 2}
+    assert {r.config["method"] for r in digits} == {"pgd-at", "trades"}
+    # The CIFAR-10 sweep names a GPU; validated here on the CPU.
+    text = (ROOT / "examples" / "sweeps" / "cifar10_resnet18.toml").read_text()
+    cpu = tmp_path / "cifar10_cpu.toml"
+    cpu.write_text(text.replace('device = "cuda"', 'device = "cpu"'))
+    cifar = expand(load_config(cpu))
+    assert len(cifar) == 156 and cifar[0].config["training"]["lr_schedule"] == "piecewise"

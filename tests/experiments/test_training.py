@@ -1,6 +1,8 @@
 """Training: standard, PGD-AT and TRADES are seeded, deterministic, and reduce to each other
 where they must (ε = 0, β = 0)."""
 
+import math
+
 import pytest
 import torch
 
@@ -81,11 +83,35 @@ def test_sgd_and_data_spec(digits_small):
     assert history.config.momentum == 0.9 and history.config.optimizer == "sgd"
 
 
+def test_lr_schedules_set_the_rate_of_each_epoch(digits_small, monkeypatch):
+    from hessdiag.experiments import training as tr
+
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    per_epoch = {}
+    for schedule in tr.LR_SCHEDULES:
+        seen.clear()
+        history = train(_model(), digits_small, epochs=8, batch_size=96, lr=0.1, lr_schedule=schedule)
+        assert history.config.lr_schedule == schedule
+        per_epoch[schedule] = list(seen)  # one step per epoch: batch = all 96 examples
+    assert per_epoch["constant"] == [0.1] * 8
+    assert per_epoch["piecewise"] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
+    cosine = per_epoch["cosine"]
+    assert cosine[0] == 0.1 and cosine[4] == pytest.approx(0.05) and cosine[7] == pytest.approx(0.1 * 0.5 * (1 + math.cos(7 * math.pi / 8)))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "fgsm"}, "unknown training method"),
     ({"method": "pgd-at"}, "needs eps"),
     ({"method": "trades", "eps": -0.1}, "eps must be"),
     ({"method": "standard", "optimizer": "rmsprop"}, "unknown optimizer"),
+    ({"method": "standard", "lr_schedule": "step"}, "unknown lr_schedule"),
     ({"method": "standard", "epochs": 0}, "epochs"),
 ])
 def test_bad_arguments_are_refused(digits_small, kwargs, message):
