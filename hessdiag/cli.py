@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="PREFIX",
                       help="path prefix of the figures (default: DIR/figures/sweep)")
 
+    analyze = sub.add_parser("analyze", help="test the paper's psi_max claims on a sweep's results "
+                                             "(markdown tables)")
+    analyze.add_argument("results", metavar="DIR", help="a sweep's output folder")
+    analyze.add_argument("--json", metavar="PATH", help="also write the analysis as JSON (atomically)")
+    analyze.add_argument("--bootstrap", type=_positive_int, default=2000, metavar="B",
+                         help="bootstrap resamples of the seeds (default: 2000)")
+
     demo = sub.add_parser("demo", help="measure the bundled example checkpoint")
     demo.add_argument("--estimator", default="auto", help="estimator (default: auto)")
     return parser
@@ -267,8 +274,21 @@ def _plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .experiments.analysis import analyze_sweep, render_markdown, write_analysis
+    from .output import check_output_path
+
+    if args.json:
+        check_output_path(args.json, "--json")
+    analyses = analyze_sweep(args.results, n_boot=args.bootstrap)
+    print(render_markdown(analyses), end="")
+    if args.json:
+        write_analysis(analyses, args.json)
+    return EXIT_OK
+
+
 COMMANDS = {"measure": _measure, "psi": _psi, "check": _check, "demo": _demo, "sweep": _sweep,
-            "plot": _plot}
+            "plot": _plot, "analyze": _analyze}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
