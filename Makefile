@@ -2,8 +2,9 @@
 # Each creates .venv when missing and installs the project into it (with the test and
 # pyhessian extras, so the PyHessian context metrics are tested too, and torchattacks for
 # hessdiag.experiments). torch and
-# torchvision are pinned to the releases this machine serves from local disk, so pip
-# never reaches for a newer (multi-GB) build.
+# torchvision are pinned here (TORCH_PINS) to the releases this machine serves from local
+# disk, so pip never reaches for a newer (multi-GB) build; the package metadata
+# (pyproject.toml) only asks for torch>=2.4, so installs elsewhere may use newer releases.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
