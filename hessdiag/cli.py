@@ -231,9 +231,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .io import load_checkpoint, load_data
 
     path = bundled_checkpoint()
-    if path is None:
-        raise HessdiagError(f"bundled checkpoint examples/checkpoints/{DEMO_CHECKPOINT} not found; "
-                            "run examples/train_digits.py from a source checkout")
+    if not path.is_file():
+        raise HessdiagError(f"bundled checkpoint hessdiag/data/{DEMO_CHECKPOINT} is missing from the "
+                            "installed package; reinstall hessdiag, or run examples/train_digits.py")
     model, meta = load_checkpoint(path)
     data = load_data(meta.get("data", "digits"), split="test")
     print(f"hessdiag demo: {path.name} ({sum(p.numel() for p in model.parameters()):,} parameters, "

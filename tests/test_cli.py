@@ -107,7 +107,7 @@ def test_internal_error_exits_1_with_hint(small_checkpoint, monkeypatch, capsys)
 
 
 def test_demo_prints_table_and_total(capsys):
-    assert bundled_checkpoint() is not None
+    assert bundled_checkpoint().is_file()
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "1.weight" in out and "5,962" in out
