@@ -34,13 +34,15 @@ def train_demo_model() -> tuple[nn.Module, dict[str, Any]]:
     """Train the demo network (seeded, a few seconds on 2 cores); returns (model, meta).
 
     Runs single-threaded so the float32 reductions, hence the weights, are bitwise
-    reproducible on a given torch build.
+    reproducible on a given torch build. The thread count and the global (CPU) RNG state
+    are restored afterwards.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(DEMO_TRAINING["seed"])
-        model = build_model(DEMO_FACTORY, DEMO_KWARGS)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(DEMO_TRAINING["seed"])
+            model = build_model(DEMO_FACTORY, DEMO_KWARGS)
         x, y = digits("train")
         history = train_classifier(model, x, y, loss="ce", **DEMO_TRAINING)
     finally:

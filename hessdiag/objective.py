@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .compat import double_backward_unsupported_reason, func_unsupported_reason, twice_differentiable
+from .compat import (double_backward_unsupported_reason, func_unsupported_reason, quiet_jit_deprecation,
+                     twice_differentiable)
 from .errors import HessdiagError
 
 LossName = Literal["ce", "mse"]
@@ -305,7 +306,7 @@ class Objective:
         num = next(iter(vectors.values())).shape[0]
         step = chunk_size or self.chunk_size
         out = {n: torch.zeros_like(v) for n, v in vectors.items()}
-        with evaluation_mode(self.model):
+        with evaluation_mode(self.model), quiet_jit_deprecation():
             for x, y, n in self.batches():
                 for start in range(0, num, step):
                     chunk = {k: v[start : start + step] for k, v in vectors.items()}

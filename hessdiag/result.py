@@ -474,25 +474,49 @@ class Result:
     def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
         """Per-layer bar chart of the normalized norm with 95 % intervals.
 
-        Returns the matplotlib ``Axes``; with ``path`` also saves the figure (format from
-        the extension: png, svg, pdf).
+        Returns the matplotlib ``Axes``. With ``ax``, draws on it. With ``path``, saves the
+        figure (format from the extension: png, svg, pdf), drawn on a standalone
+        :meth:`figure`. Otherwise the figure is a pyplot one, for Jupyter and
+        ``plt.show()``. Matplotlib's backend is never switched.
         """
-        import matplotlib
-
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
+        if ax is not None:
+            self._draw(ax)
+            return ax
+        if path is not None:
+            fig = self.figure()
+            fig.savefig(path)
+            return fig.axes[0]
         import matplotlib.pyplot as plt
 
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(self.per_layer) + 2), 3.5))
-        names = [l.name for l in self.per_layer]
-        values = [l.normalized_norm for l in self.per_layer]
-        lower = [l.normalized_norm - l.ci95[0] for l in self.per_layer]
-        upper = [l.ci95[1] - l.normalized_norm for l in self.per_layer]
-        colors = ["tab:blue" if l.resolved else "lightgray" for l in self.per_layer]
+        fig = plt.figure(figsize=self._figure_size())
+        self._draw(fig.add_subplot())
+        fig.tight_layout()
+        return fig.axes[0]
+
+    def figure(self) -> Any:
+        """The chart of :meth:`plot` as a standalone matplotlib ``Figure`` on its own Agg
+        canvas: it renders to files (``fig.savefig``) without pyplot, without switching
+        the backend, and without registering an open figure."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=self._figure_size())
+        FigureCanvasAgg(fig)
+        self._draw(fig.add_subplot())
+        fig.tight_layout()
+        return fig
+
+    def _figure_size(self) -> tuple[float, float]:
+        return max(4.0, 0.6 * len(self.per_layer) + 2), 3.5
+
+    def _draw(self, ax: Any) -> None:
+        names = [layer.name for layer in self.per_layer]
+        values = [layer.normalized_norm for layer in self.per_layer]
+        lower = [layer.normalized_norm - layer.ci95[0] for layer in self.per_layer]
+        upper = [layer.ci95[1] - layer.normalized_norm for layer in self.per_layer]
+        colors = ["tab:blue" if layer.resolved else "lightgray" for layer in self.per_layer]
         bars = ax.bar(range(len(names)), values, yerr=[lower, upper], capsize=3, color=colors)
-        unresolved = [bar for bar, l in zip(bars, self.per_layer) if not l.resolved]
+        unresolved = [bar for bar, layer in zip(bars, self.per_layer) if not layer.resolved]
         for bar in unresolved:
             bar.set_hatch("//")
         if unresolved:
@@ -504,9 +528,3 @@ class Result:
         ax.set_ylabel("‖diag H‖₂ / √P")
         ax.set_title(f"Hessian diagonal per tensor ({self.estimator}, {self.loss})")
         ax.legend(fontsize=8)
-        if fig is not None:
-            fig.tight_layout()
-            if path is not None:
-                fig.savefig(path)
-                plt.close(fig)
-        return ax

@@ -414,7 +414,19 @@ def _adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
 
 
 def execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Train, evaluate and measure one run; save its checkpoint; return its record."""
+    """Train, evaluate and measure one run; save its checkpoint; return its record.
+
+    The run seeds torch's global RNG (``torch.manual_seed(seed)`` before building the
+    model); the caller's RNG state is restored afterwards, so that running sweeps in
+    process (``jobs=1``) leaves the global generators as they were.
+    """
+    from ._common import forked_rng
+
+    with forked_rng(torch.device(run.config["device"])):
+        return _execute(run, out_dir)
+
+
+def _execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     from ..activations import get_activation, psi_max
     from ..io.checkpoints import save_checkpoint
     from ..io.data import load_data
