@@ -189,7 +189,7 @@ def _attention_flags() -> Callable[[], None]:
 
 def _rnn_flags() -> Callable[[], None]:
     mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp to the stubs
     torch.backends.cudnn.enabled = False
 
     def restore() -> None:

@@ -313,6 +313,7 @@ class Objective:
                     product = batch_product(chunk, x, y)
                     for k in out:
                         out[k][start : start + step].add_(product[k], alpha=n)
+        assert self.num_examples is not None  # counted by the pass above
         for k in out:
             out[k].div_(self.num_examples)
         return out
@@ -421,7 +422,7 @@ class Objective:
         return product
 
     def _batch_ggn_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        output, pullback = vjp(lambda p: self.forward(p, x), self.params)
+        output, pullback = vjp(lambda p: self.forward(p, x), self.params)  # type: ignore[misc]  # 2 without aux
         loss_grad = grad(lambda o: batch_mean_loss(self.loss, o, y))
 
         def single(v: ParamDict) -> ParamDict:
@@ -466,7 +467,7 @@ class Objective:
         total = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
         def per_example(xi: Tensor, yi: Tensor) -> ParamDict:
-            out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)
+            out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)  # type: ignore[misc]
             factor = loss_hessian_factor(self.loss, out.detach(), yi)
             columns = vmap(pullback)(factor.transpose(0, 1).contiguous())[0]
             return {k: c.pow(2).sum(0) for k, c in columns.items()}
@@ -478,6 +479,7 @@ class Objective:
                                              y[start : start + examples_per_chunk])
                     for k in total:
                         total[k].add_(part[k].sum(0))
+        assert self.num_examples is not None  # counted by the pass above
         return {k: v / self.num_examples for k, v in total.items()}
 
     # -- stateful copies for libraries that need a module -------------------------------

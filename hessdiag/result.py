@@ -32,7 +32,6 @@ from .ggn import GGNSplit
 from .stats import RESOLVED_HALF_WIDTH, ProbeBudget, is_resolved, probes_for_rtol
 
 
-
 def normalized_norm(diagonal: Tensor | dict[str, Tensor]) -> float:
     """‖d‖₂/√P of a diagonal given as one tensor or a dict of tensors."""
     parts = list(diagonal.values()) if isinstance(diagonal, dict) else [diagonal]
@@ -236,7 +235,7 @@ class Result:
         residual_norm = residual_ci95 = residual_total = None
         if split is not None and residual_stats is None:
             residual_norm = normalized_norm(split.residual)
-        elif split is not None:
+        elif split is not None and residual_stats is not None:
             residual_total = residual_stats["total"]
             residual_norm = _rms(residual_total.sq_norm, total_p)
             residual_ci95 = interval(residual_total, total_p)
@@ -291,10 +290,10 @@ class Result:
                    for sq, ci in ((self.sq_norm, self.sq_norm_ci95),
                                   (self.residual_sq_norm, self.residual_sq_norm_ci95))
                    if sq is not None and ci is not None]
-        budgets = [b for b in budgets if b is not None]
-        if not budgets:
+        found = [b for b in budgets if b is not None]
+        if not found:
             return None
-        return ProbeBudget(max(b.probes for b in budgets), any(b.at_least for b in budgets))
+        return ProbeBudget(max(b.probes for b in found), any(b.at_least for b in found))
 
     def resolution_warning(self) -> str | None:
         """One line naming the unresolved totals and the budget ``rtol`` needs (``rtol_budget``);
@@ -378,14 +377,14 @@ class Result:
         head = ("tensor", "params", "‖d‖/√P", "95% interval") + (("GGN", "residual") if split else ())
         head += ("residual 95%",) if res_ci else ()
         rows = [head]
-        entries = [(l.name, l.num_params, l.normalized_norm, l.ci95, l.ggn_normalized_norm,
-                    l.residual_normalized_norm, l.residual_ci95, l.resolved,
-                    l.residual_resolved) for l in self.per_layer]
+        entries = [(layer.name, layer.num_params, layer.normalized_norm, layer.ci95, layer.ggn_normalized_norm,
+                    layer.residual_normalized_norm, layer.residual_ci95, layer.resolved,
+                    layer.residual_resolved) for layer in self.per_layer]
         entries.append(("total", self.num_params, self.normalized_norm, self.ci95,
                         self.ggn_normalized_norm, self.residual_normalized_norm,
                         self.residual_ci95, self.resolved, self.residual_resolved))
         for name, num, value, ci, ggn, res, rci, ok, res_ok in entries:
-            row = (name, f"{num:,}", _value_cell(value, ci, ok), f"[{ci[0]:.6g}, {ci[1]:.6g}]")
+            row: tuple[str, ...] = (name, f"{num:,}", _value_cell(value, ci, ok), f"[{ci[0]:.6g}, {ci[1]:.6g}]")
             if split:
                 row += (f"{ggn:.6g}" if ggn is not None else "-",
                         _value_cell(res, rci, res_ok) if res is not None else "-")
@@ -417,7 +416,6 @@ class Result:
         if self.hvp_route is None:
             return ""
         return f"hvp-route={self.hvp_route}{' (fallback)' if self.hvp_fallback else ''}  "
-
 
     def any_unresolved(self) -> bool:
         """Whether any norm in the table (total, layer, residual) is unresolved."""
