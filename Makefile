@@ -1,9 +1,10 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Each creates .venv when missing and installs the project into it (with the test and
+# Each creates .venv when missing and installs the project into it (with the test, lint and
 # pyhessian extras, so the PyHessian context metrics are tested too, and torchattacks for
-# hessdiag.experiments). torch and
-# torchvision are pinned to the releases this machine serves from local disk, so pip
-# never reaches for a newer (multi-GB) build.
+# hessdiag.experiments); `make lint` (flake8 and mypy, configured in setup.cfg) too. torch and
+# torchvision are pinned here (TORCH_PINS) to the releases this machine serves from local
+# disk, so pip never reaches for a newer (multi-GB) build; the package metadata
+# (pyproject.toml) only asks for torch>=2.4, so installs elsewhere may use newer releases.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,12 +21,12 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test test-all check venv clean
+.PHONY: demo test test-all check lint venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PINS) $(QUIET_PIP)
-	$(PY) -m pip install -q -e '.[test,pyhessian]' $(TORCH_PINS) $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[test,lint,pyhessian]' $(TORCH_PINS) $(QUIET_PIP)
 	$(PY) -m pip install -q --no-deps $(TORCHATTACKS) $(QUIET_PIP)
 	$(PY) -c "import hessdiag, torch, torchattacks; print('hessdiag', hessdiag.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
@@ -38,6 +39,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# flake8 on the code and tests, mypy on the package; settings in setup.cfg.
+lint: $(STAMP)
+	$(PY) -m flake8 hessdiag tests benchmarks examples
+	$(PY) -m mypy hessdiag
+
 # The appendix, machine-checked (MATH.md §4): analytic decomposition vs autograd, sympy proofs.
 # `make test` runs the same quick battery through tests/test_check.py.
 check: $(STAMP)
@@ -47,4 +53,4 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache

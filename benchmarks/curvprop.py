@@ -556,7 +556,7 @@ def profile_part(args) -> None:
     pass_time = sum(steps["residual passes (2 per replicate)"]) / len(
         steps["residual passes (2 per replicate)"])
     fixed = sum(sum(steps[k]) / reps for k in ("forward (TapedBatch)", "loss-gradient pass",
-                                                "GGN passes (C = 10)"))
+                                               "GGN passes (C = 10)"))
     # Chunk size of the per-example gradients on the CPU: the default against 64 MB chunks,
     # interleaved, on one GGN column.
     chunks = {"default": per_example.CPU_CHUNK_NUMBERS, "64 MB": per_example.CHUNK_NUMBERS}

@@ -11,7 +11,8 @@ float32. Methods, all on the same model, data and objective:
 - ``exact-analytic``: the ``exact`` estimator as users get it on these MLPs: its analytic
   fast path (the pre-activation-Hessian recursion of :mod:`hessdiag.analytic`);
 - ``exact-hvp``: the ``exact`` estimator's general path (P basis-vector HVPs, vmapped in
-  blocks of 128), what it runs on models the recursion does not cover. A full run takes minutes here, so we time ``--exact-blocks`` of its blocks (the same code
+  blocks of 128), what it runs on models the recursion does not cover. A full run takes
+  minutes here, so we time ``--exact-blocks`` of its blocks (the same code
   path, ``ExactEstimator._block``) and scale by P/(blocks·128): every block costs the same,
   so the extrapolation is linear and reported as such.
 

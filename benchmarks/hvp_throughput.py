@@ -13,7 +13,8 @@ of the same size, same model, same dtype, in one run with the methods interleave
 Cases: the digits MLP (64-48-48-10 tanh, 1797 examples), a small CNN on digits, and a
 CIFAR-style ResNet-18 (width 64, 11.2 M parameters, SiLU, BatchNorm in eval mode) on a
 fixed batch of 32×32 inputs (``--resnet-inputs``, default 16, to finish in minutes on
-2 cores; ``--resnet-activation tanh`` gives curvlinops a model it can differentiate). Reported: seconds per probe and the ratio of each anchor to ours/k.
+2 cores; ``--resnet-activation tanh`` gives curvlinops a model it can differentiate).
+Reported: seconds per probe and the ratio of each anchor to ours/k.
 
 Run: PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE python benchmarks/hvp_throughput.py
 """

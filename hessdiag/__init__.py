@@ -11,20 +11,15 @@ Public API (docs/index.md)::
     hessdiag.psi_max(torch.nn.GELU())                       # 0.7979
 """
 
-import warnings
-
-# torch emits this once, from its own internals, on the first forward-mode HVP.
-warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
-
-from ._version import __version__  # noqa: E402
-from .activations import RCTAF, get_activation, psi_max  # noqa: E402
-from .api import hessian_diagonal, measure  # noqa: E402
-from .compat import twice_differentiable  # noqa: E402
-from .errors import HessdiagError  # noqa: E402
-from .estimators import ESTIMATORS, EstimatorOptions, get_estimator  # noqa: E402
-from .objective import Objective  # noqa: E402
-from .result import LayerResult, Result, UnresolvedEstimateWarning, normalized_norm  # noqa: E402
-from .validation import validate_inputs  # noqa: E402
+from ._version import __version__
+from .activations import RCTAF, get_activation, psi_max
+from .api import hessian_diagonal, measure
+from .compat import twice_differentiable
+from .errors import HessdiagError
+from .estimators import ESTIMATORS, EstimatorOptions, get_estimator
+from .objective import Objective
+from .result import LayerResult, Result, UnresolvedEstimateWarning, normalized_norm
+from .validation import validate_inputs
 
 __all__ = [
     "ESTIMATORS",

@@ -11,7 +11,8 @@ A parameter attached to neuron *i* of layer *l* has :math:`c = a^{l-1}_j` (weigh
     H_{\theta\theta} = \underbrace{c^2 \sum_\rho (\Delta^{l,\rho}_i)^2}_{\text{GGN}}
                      + \underbrace{c^2 M^l_{ii}}_{\text{residual}},
 
-with the GGN columns :math:`\Delta^{L,\rho} = q_\rho`, :math:`\Delta^{l,\rho} = \phi'(z^l) \odot W^{l+1\top}\Delta^{l+1,\rho}`
+with the GGN columns :math:`\Delta^{L,\rho} = q_\rho`,
+:math:`\Delta^{l,\rho} = \phi'(z^l) \odot W^{l+1\top}\Delta^{l+1,\rho}`
 and the **full** pre-activation Hessian of :math:`F = r^\top f` (r frozen):
 
 .. math::
@@ -195,7 +196,9 @@ def _forward(structure: MLPStructure, weights: list[Tensor], biases: list[Tensor
         x = module(x)
     if x.dim() != 2:
         raise UnsupportedModelError(f"the MLP's input must be [batch, features], got shape {tuple(x.shape)}")
-    inputs, dphi, d2phi = [], [], []
+    inputs: list[Tensor] = []
+    dphi: list[Tensor] = []
+    d2phi: list[Tensor] = []
     a = x
     for l, (w, b) in enumerate(zip(weights, biases)):
         inputs.append(a)
@@ -383,6 +386,7 @@ def _chunk_terms(
 
 def _divide_by_examples(objective: Objective, *diagonals: ParamDict) -> None:
     """Turn sums over examples into the mean of docs/index.md, "What is measured", in place."""
+    assert objective.num_examples is not None  # counted by the caller's pass
     for diagonal in diagonals:
         for v in diagonal.values():
             v.div_(objective.num_examples)
@@ -522,6 +526,7 @@ def mlp_phi2_coefficients(
                         if key is not None and key in names:
                             shape = objective.params[key].shape
                             kappa[mname][key].append(x.new_zeros(*shape, x.shape[0], fwd.d2phi[m].shape[1]))
+    assert objective.num_examples is not None  # counted by the pass above
     total = objective.num_examples
     out = {m: {k: torch.cat(v, -2) / total for k, v in parts.items()} for m, parts in kappa.items()}
     return out, {m: torch.cat(v, 0) for m, v in phi2.items()}

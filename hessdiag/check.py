@@ -186,9 +186,10 @@ def _relative(a: Tensor, b: Tensor) -> float:
 def run_case(case: Case, seed: int = 0) -> CaseResult:
     """Build the case's network and data (seeded), run the analytic decomposition, compare."""
     start = time.perf_counter()
-    torch.manual_seed(seed)
     spec = ACTIVATIONS.get(case.activation, case.activation)
-    model = mlp(IN_FEATURES, ARCHITECTURES[case.depth], case.outputs, spec).double()
+    with torch.random.fork_rng(devices=[]):  # seeded initialization; the caller's RNG is restored
+        torch.default_generator.manual_seed(seed)
+        model = mlp(IN_FEATURES, ARCHITECTURES[case.depth], case.outputs, spec).double()
     g = torch.Generator().manual_seed(seed + 1)
     # Inputs of scale 1.5 put pre-activations across the curved region of every activation.
     x = 1.5 * torch.randn(case.batch, IN_FEATURES, generator=g, dtype=torch.float64)

@@ -83,7 +83,8 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimator", default="auto", choices=sorted(ESTIMATORS),
                    help="estimator (default: auto, the cheapest route the model's structure allows)")
     p.add_argument("--samples", type=_positive_int, help="fixed number of probes (stochastic estimators)")
-    p.add_argument("--rtol", type=_positive_float, default=0.05, help="adaptive stop: relative CI half-width (default: 0.05)")
+    p.add_argument("--rtol", type=_positive_float, default=0.05,
+                   help="adaptive stop: relative CI half-width (default: 0.05)")
     p.add_argument("--max-samples", type=_positive_int, default=1024, help="adaptive stop: probe cap (default: 1024)")
     p.add_argument("--seed", type=int, default=0, help="probe seed (default: 0)")
     p.add_argument("--split-ggn", action="store_true",
@@ -238,9 +239,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .io import load_checkpoint, load_data
 
     path = bundled_checkpoint()
-    if path is None:
-        raise HessdiagError(f"bundled checkpoint examples/checkpoints/{DEMO_CHECKPOINT} not found; "
-                            "run examples/train_digits.py from a source checkout")
+    if not path.is_file():
+        raise HessdiagError(f"bundled checkpoint hessdiag/data/{DEMO_CHECKPOINT} is missing from the "
+                            "installed package; reinstall hessdiag, or run examples/train_digits.py")
     model, meta = load_checkpoint(path)
     data = load_data(meta.get("data", "digits"), split="test")
     print(f"hessdiag demo: {path.name} ({sum(p.numel() for p in model.parameters()):,} parameters, "

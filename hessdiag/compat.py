@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -188,7 +189,7 @@ def _attention_flags() -> Callable[[], None]:
 
 def _rnn_flags() -> Callable[[], None]:
     mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a ContextProp to the stubs
     torch.backends.cudnn.enabled = False
 
     def restore() -> None:
@@ -241,6 +242,20 @@ def twice_differentiable() -> Iterator[None]:
             yield
     finally:
         _active.depth = 0
+
+
+@contextlib.contextmanager
+def quiet_jit_deprecation() -> Iterator[None]:
+    """Silence torch's own "`torch.jit.script` is deprecated" ``FutureWarning`` in the block.
+
+    torch emits it from its internals, not from anything the caller wrote: the first
+    forward-mode product (``torch.func.jvp``) imports ``torch._decomp.decompositions_for_jvp``,
+    which scripts its decompositions. The filter lives in ``warnings.catch_warnings()``, so
+    the caller's warning filters are exactly as before when the block exits.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+        yield
 
 
 # -- recognizing what torch.func cannot do ---------------------------------------------

@@ -277,6 +277,7 @@ def tape_ggn_diagonal(objective: Objective) -> ParamDict:
         batch = TapedBatch(objective, x, y, sites=False)
         for name, value in batch.ggn_squares().items():
             total[name] += value
+    assert objective.num_examples is not None  # counted by the pass above
     return {n: v / objective.num_examples for n, v in total.items()}
 
 

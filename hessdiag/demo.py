@@ -1,12 +1,14 @@
 """The bundled example: an RCT-AF MLP trained on the digits data.
 
-``examples/train_digits.py`` writes the checkpoint committed under
-``examples/checkpoints/``; ``hessdiag demo`` measures it. The recipe lives here so the
-test suite can regenerate the checkpoint and compare.
+``examples/train_digits.py`` writes the checkpoint committed under ``hessdiag/data/``,
+which ships inside the package (package data), so ``hessdiag demo`` measures it from an
+installed wheel as well as from a source checkout. The recipe lives here so the test suite
+can regenerate the checkpoint and compare.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,15 @@ def train_demo_model() -> tuple[nn.Module, dict[str, Any]]:
     """Train the demo network (seeded, a few seconds on 2 cores); returns (model, meta).
 
     Runs single-threaded so the float32 reductions, hence the weights, are bitwise
-    reproducible on a given torch build.
+    reproducible on a given torch build. The thread count and the global (CPU) RNG state
+    are restored afterwards.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(DEMO_TRAINING["seed"])
-        model = build_model(DEMO_FACTORY, DEMO_KWARGS)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(DEMO_TRAINING["seed"])
+            model = build_model(DEMO_FACTORY, DEMO_KWARGS)
         x, y = digits("train")
         history = train_classifier(model, x, y, loss="ce", **DEMO_TRAINING)
     finally:
@@ -56,10 +60,11 @@ def train_demo_model() -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def bundled_checkpoint() -> Path | None:
-    """The committed demo checkpoint, if this is a source checkout (or the cwd has one)."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        candidate = root / "examples" / "checkpoints" / DEMO_CHECKPOINT
-        if candidate.is_file():
-            return candidate
-    return None
+def bundled_checkpoint() -> Path:
+    """The demo checkpoint shipped inside the package: ``hessdiag/data/DEMO_CHECKPOINT``.
+
+    Located through :mod:`importlib.resources`, so it is found wherever the package is
+    installed (a wheel, an editable install, a source checkout on ``PYTHONPATH``), whatever
+    the working directory.
+    """
+    return Path(str(resources.files("hessdiag") / "data" / DEMO_CHECKPOINT))

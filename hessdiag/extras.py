@@ -108,7 +108,9 @@ def compute_extras(
     with default_dtype(objective.dtype), torch.random.fork_rng(devices=[]), \
             warnings.catch_warnings(), twice_differentiable():
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-        torch.manual_seed(seed)  # PyHessian draws its power-iteration start from the global RNG
+        # PyHessian draws its power-iteration start from the global CPU RNG (then moves it
+        # to the device); seeding only that generator leaves the CUDA generators untouched.
+        torch.default_generator.manual_seed(seed)
         h = hessian(net, criterion, dataloader=batches, cuda=objective.device.type == "cuda")
         product = h.dataloader_hv_product
 

@@ -8,7 +8,7 @@ referred to in native checkpoints as ``"hessdiag.models:NAME"``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -187,4 +187,5 @@ def wide_resnet(
     return WideResNet(depth, widen, num_classes, activation, in_channels)
 
 
-FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet18_cifar": resnet18_cifar, "wide_resnet": wide_resnet}
+FACTORIES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet18_cifar": resnet18_cifar,
+                                                  "wide_resnet": wide_resnet}

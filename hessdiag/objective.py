@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .compat import double_backward_unsupported_reason, func_unsupported_reason, twice_differentiable
+from .compat import (double_backward_unsupported_reason, func_unsupported_reason, quiet_jit_deprecation,
+                     twice_differentiable)
 from .errors import HessdiagError
 
 LossName = Literal["ce", "mse"]
@@ -305,13 +306,14 @@ class Objective:
         num = next(iter(vectors.values())).shape[0]
         step = chunk_size or self.chunk_size
         out = {n: torch.zeros_like(v) for n, v in vectors.items()}
-        with evaluation_mode(self.model):
+        with evaluation_mode(self.model), quiet_jit_deprecation():
             for x, y, n in self.batches():
                 for start in range(0, num, step):
                     chunk = {k: v[start : start + step] for k, v in vectors.items()}
                     product = batch_product(chunk, x, y)
                     for k in out:
                         out[k][start : start + step].add_(product[k], alpha=n)
+        assert self.num_examples is not None  # counted by the pass above
         for k in out:
             out[k].div_(self.num_examples)
         return out
@@ -420,7 +422,7 @@ class Objective:
         return product
 
     def _batch_ggn_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        output, pullback = vjp(lambda p: self.forward(p, x), self.params)
+        output, pullback = vjp(lambda p: self.forward(p, x), self.params)  # type: ignore[misc]  # 2 without aux
         loss_grad = grad(lambda o: batch_mean_loss(self.loss, o, y))
 
         def single(v: ParamDict) -> ParamDict:
@@ -465,7 +467,7 @@ class Objective:
         total = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
         def per_example(xi: Tensor, yi: Tensor) -> ParamDict:
-            out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)
+            out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)  # type: ignore[misc]
             factor = loss_hessian_factor(self.loss, out.detach(), yi)
             columns = vmap(pullback)(factor.transpose(0, 1).contiguous())[0]
             return {k: c.pow(2).sum(0) for k, c in columns.items()}
@@ -477,6 +479,7 @@ class Objective:
                                              y[start : start + examples_per_chunk])
                     for k in total:
                         total[k].add_(part[k].sum(0))
+        assert self.num_examples is not None  # counted by the pass above
         return {k: v / self.num_examples for k, v in total.items()}
 
     # -- stateful copies for libraries that need a module -------------------------------

@@ -64,19 +64,14 @@ def write_json(result: Result, path: str | os.PathLike[str]) -> None:
 
 
 def write_plot(result: Result, path: str | os.PathLike[str]) -> None:
-    """The per-layer figure (format from the extension), rendered with Agg, atomically."""
+    """The per-layer figure (format from the extension), rendered with Agg, atomically.
+
+    The figure has its own Agg canvas (:meth:`Result.figure`): matplotlib's backend and
+    pyplot's open figures are left as they were.
+    """
     fmt = plot_format(path)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure = result.plot().figure
     buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format=fmt)
-    finally:
-        plt.close(figure)
+    result.figure().savefig(buffer, format=fmt)
     try:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as err:

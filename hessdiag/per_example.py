@@ -187,10 +187,11 @@ class AffineCall:
             dilation = _pair(_call_arg(self.args, self.kwargs, 5, "dilation", 1), dims)
             padding = conv_padding(_call_arg(self.args, self.kwargs, 4, "padding", 0),
                                    kernel, dilation, stride)
+            assert padding is not None  # asymmetric paddings are refused before (param_call_problem)
             x = self.inputs
             if dims == 1:  # a 1-d convolution is a 2-d one over a height of 1
                 x, kernel2 = x.unsqueeze(2), (1, kernel[0])
-                stride, dilation, padding = (1, *stride), (1, *dilation), (0, *padding)  # type: ignore[misc]
+                stride, dilation, padding = (1, *stride), (1, *dilation), (0, *padding)
             else:
                 kernel2 = kernel
             self.cache["unfolded"] = F.unfold(x, kernel2, dilation=dilation, padding=padding,

@@ -32,7 +32,6 @@ from .ggn import GGNSplit
 from .stats import RESOLVED_HALF_WIDTH, ProbeBudget, is_resolved, probes_for_rtol
 
 
-
 def normalized_norm(diagonal: Tensor | dict[str, Tensor]) -> float:
     """‖d‖₂/√P of a diagonal given as one tensor or a dict of tensors."""
     parts = list(diagonal.values()) if isinstance(diagonal, dict) else [diagonal]
@@ -236,7 +235,7 @@ class Result:
         residual_norm = residual_ci95 = residual_total = None
         if split is not None and residual_stats is None:
             residual_norm = normalized_norm(split.residual)
-        elif split is not None:
+        elif split is not None and residual_stats is not None:
             residual_total = residual_stats["total"]
             residual_norm = _rms(residual_total.sq_norm, total_p)
             residual_ci95 = interval(residual_total, total_p)
@@ -291,10 +290,10 @@ class Result:
                    for sq, ci in ((self.sq_norm, self.sq_norm_ci95),
                                   (self.residual_sq_norm, self.residual_sq_norm_ci95))
                    if sq is not None and ci is not None]
-        budgets = [b for b in budgets if b is not None]
-        if not budgets:
+        found = [b for b in budgets if b is not None]
+        if not found:
             return None
-        return ProbeBudget(max(b.probes for b in budgets), any(b.at_least for b in budgets))
+        return ProbeBudget(max(b.probes for b in found), any(b.at_least for b in found))
 
     def resolution_warning(self) -> str | None:
         """One line naming the unresolved totals and the budget ``rtol`` needs (``rtol_budget``);
@@ -378,14 +377,14 @@ class Result:
         head = ("tensor", "params", "‖d‖/√P", "95% interval") + (("GGN", "residual") if split else ())
         head += ("residual 95%",) if res_ci else ()
         rows = [head]
-        entries = [(l.name, l.num_params, l.normalized_norm, l.ci95, l.ggn_normalized_norm,
-                    l.residual_normalized_norm, l.residual_ci95, l.resolved,
-                    l.residual_resolved) for l in self.per_layer]
+        entries = [(layer.name, layer.num_params, layer.normalized_norm, layer.ci95, layer.ggn_normalized_norm,
+                    layer.residual_normalized_norm, layer.residual_ci95, layer.resolved,
+                    layer.residual_resolved) for layer in self.per_layer]
         entries.append(("total", self.num_params, self.normalized_norm, self.ci95,
                         self.ggn_normalized_norm, self.residual_normalized_norm,
                         self.residual_ci95, self.resolved, self.residual_resolved))
         for name, num, value, ci, ggn, res, rci, ok, res_ok in entries:
-            row = (name, f"{num:,}", _value_cell(value, ci, ok), f"[{ci[0]:.6g}, {ci[1]:.6g}]")
+            row: tuple[str, ...] = (name, f"{num:,}", _value_cell(value, ci, ok), f"[{ci[0]:.6g}, {ci[1]:.6g}]")
             if split:
                 row += (f"{ggn:.6g}" if ggn is not None else "-",
                         _value_cell(res, rci, res_ok) if res is not None else "-")
@@ -417,7 +416,6 @@ class Result:
         if self.hvp_route is None:
             return ""
         return f"hvp-route={self.hvp_route}{' (fallback)' if self.hvp_fallback else ''}  "
-
 
     def any_unresolved(self) -> bool:
         """Whether any norm in the table (total, layer, residual) is unresolved."""
@@ -474,25 +472,49 @@ class Result:
     def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
         """Per-layer bar chart of the normalized norm with 95 % intervals.
 
-        Returns the matplotlib ``Axes``; with ``path`` also saves the figure (format from
-        the extension: png, svg, pdf).
+        Returns the matplotlib ``Axes``. With ``ax``, draws on it. With ``path``, saves the
+        figure (format from the extension: png, svg, pdf), drawn on a standalone
+        :meth:`figure`. Otherwise the figure is a pyplot one, for Jupyter and
+        ``plt.show()``. Matplotlib's backend is never switched.
         """
-        import matplotlib
-
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
+        if ax is not None:
+            self._draw(ax)
+            return ax
+        if path is not None:
+            fig = self.figure()
+            fig.savefig(path)
+            return fig.axes[0]
         import matplotlib.pyplot as plt
 
-        fig = None
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(self.per_layer) + 2), 3.5))
-        names = [l.name for l in self.per_layer]
-        values = [l.normalized_norm for l in self.per_layer]
-        lower = [l.normalized_norm - l.ci95[0] for l in self.per_layer]
-        upper = [l.ci95[1] - l.normalized_norm for l in self.per_layer]
-        colors = ["tab:blue" if l.resolved else "lightgray" for l in self.per_layer]
+        fig = plt.figure(figsize=self._figure_size())
+        self._draw(fig.add_subplot())
+        fig.tight_layout()
+        return fig.axes[0]
+
+    def figure(self) -> Any:
+        """The chart of :meth:`plot` as a standalone matplotlib ``Figure`` on its own Agg
+        canvas: it renders to files (``fig.savefig``) without pyplot, without switching
+        the backend, and without registering an open figure."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=self._figure_size())
+        FigureCanvasAgg(fig)
+        self._draw(fig.add_subplot())
+        fig.tight_layout()
+        return fig
+
+    def _figure_size(self) -> tuple[float, float]:
+        return max(4.0, 0.6 * len(self.per_layer) + 2), 3.5
+
+    def _draw(self, ax: Any) -> None:
+        names = [layer.name for layer in self.per_layer]
+        values = [layer.normalized_norm for layer in self.per_layer]
+        lower = [layer.normalized_norm - layer.ci95[0] for layer in self.per_layer]
+        upper = [layer.ci95[1] - layer.normalized_norm for layer in self.per_layer]
+        colors = ["tab:blue" if layer.resolved else "lightgray" for layer in self.per_layer]
         bars = ax.bar(range(len(names)), values, yerr=[lower, upper], capsize=3, color=colors)
-        unresolved = [bar for bar, l in zip(bars, self.per_layer) if not l.resolved]
+        unresolved = [bar for bar, layer in zip(bars, self.per_layer) if not layer.resolved]
         for bar in unresolved:
             bar.set_hatch("//")
         if unresolved:
@@ -504,9 +526,3 @@ class Result:
         ax.set_ylabel("‖diag H‖₂ / √P")
         ax.set_title(f"Hessian diagonal per tensor ({self.estimator}, {self.loss})")
         ax.legend(fontsize=8)
-        if fig is not None:
-            fig.tight_layout()
-            if path is not None:
-                fig.savefig(path)
-                plt.close(fig)
-        return ax

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sympy as sp
 
@@ -141,7 +142,7 @@ def prove_max_at_zero() -> dict[int, bool]:
     return {0: bool(n0), 1: bool(n1)}
 
 
-def numerical_max_n2(digits: int = 30, bound: float = 40.0, step: float = 1e-3) -> dict[str, object]:
+def numerical_max_n2(digits: int = 30, bound: float = 40.0, step: float = 1e-3) -> dict[str, Any]:
     """All critical points of the even g_2'' on [0, bound] and where the maximum sits.
 
     g_2''' = q·B(u) with B = 9t + 7uw + u²t(1 − 12q) (docs/index.md, "Activations"; the identity is checked
@@ -249,7 +250,9 @@ def check_network(sizes: Sequence[int], loss: str = "squared", per_neuron: bool 
     sizes = tuple(sizes)
     depth = len(sizes) - 1
     x = sp.Matrix(sp.symbols(f"x1:{sizes[0] + 1}", real=True))
-    weights, biases, params = [], [], []
+    weights: list[sp.Matrix] = []
+    biases: list[sp.Matrix] = []
+    params: list[tuple[str, sp.Symbol, int, int, int | None]] = []
     for l in range(1, depth + 1):
         w = sp.Matrix(sizes[l], sizes[l - 1], lambda i, j: sp.Symbol(f"W{l}_{i + 1}{j + 1}", real=True))
         b = sp.Matrix(sp.symbols(f"b{l}_1:{sizes[l] + 1}", real=True))
@@ -399,21 +402,23 @@ def run_symbolic_checks() -> list[tuple[str, bool, str, float]]:
         n2 = numerical_max_n2()
         ok = (coeffs == {0: sp.Rational(1, 4), 1: sp.Rational(1, 2), 2: sp.Integer(1)}
               and all(proofs.values()) and n2["argmax"] == 0.0 and abs(n2["max"] - 1.0) < 1e-15)
-        others = ", ".join(f"{v:+.7f} at u={u:.6f}" for u, v in n2["critical_points"][1:])  # type: ignore[index]
+        others = ", ".join(f"{v:+.7f} at u={u:.6f}" for u, v in n2["critical_points"][1:])
         return ok, (f"g_n''(0) = {coeffs[0]}, {coeffs[1]}, {coeffs[2]}; max at 0 proved for n=0,1: "
                     f"{proofs[0] and proofs[1]}; n=2 (numerical, u in [0,40]): max at 0, other "
                     f"extrema {others}")
 
     def shallow() -> tuple[bool, str]:
         c = check_network((2, 2, 1), "squared")
-        return not c.failures, f"exact − (GN + recursion) = 0 for {len(c.matches) - len(c.failures)}/{len(c.matches)} entries"
+        exact = len(c.matches) - len(c.failures)
+        return not c.failures, f"exact − (GN + recursion) = 0 for {exact}/{len(c.matches)} entries"
 
     def deep() -> tuple[bool, str]:
         full = check_network((1, 2, 2, 2, 1), "squared")
         diag = check_network((1, 2, 2, 2, 1), "squared", per_neuron=True)
         ok = not full.failures and sorted(diag.failures) == ["W1_11", "W1_21", "b1_1", "b1_2"]
         return ok, (f"full M: {len(full.matches) - len(full.failures)}/{len(full.matches)} exact; "
-                    f"diagonal-only M fails on {len(diag.failures)} ({', '.join(diag.failures)}), as docs/appendix.md says")
+                    f"diagonal-only M fails on {len(diag.failures)} ({', '.join(diag.failures)}), "
+                    "as docs/appendix.md says")
 
     def generic() -> tuple[bool, str]:
         c = check_network((2, 2, 2), "generic")

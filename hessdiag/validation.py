@@ -27,7 +27,6 @@ class InputError(HessdiagError):
     """Model, data and loss that cannot be measured together."""
 
 
-
 def check_device(device: torch.device | str | None) -> None:
     """Refuse a device this torch build cannot use, before any tensor is moved."""
     if device is None:
@@ -134,7 +133,8 @@ def _first_forward(objective: Objective, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
             value = batch_mean_loss(objective.loss, output, y)
     except Exception as err:  # noqa: BLE001 - a loss/target mismatch is bad input
-        raise InputError(f"the {objective.loss} loss cannot use these targets: {first_line(err, with_type=True)}") from None
+        raise InputError(f"the {objective.loss} loss cannot use these targets: "
+                         f"{first_line(err, with_type=True)}") from None
     if not bool(torch.isfinite(value)):
         raise InputError(f"the {objective.loss} loss on the first batch is not finite")
     return output

@@ -32,7 +32,7 @@ def test_measure_round_trip_writes_valid_json(small_checkpoint, tmp_path, capsys
     assert required <= doc.keys()
     assert doc["num_params"] == 64 * 6 + 6 + 6 * 10 + 10 and doc["num_examples"] == 50
     assert doc["ci95"] == [doc["normalized_norm"], doc["normalized_norm"]]
-    assert sum(l["num_params"] for l in doc["per_layer"]) == doc["num_params"]
+    assert sum(layer["num_params"] for layer in doc["per_layer"]) == doc["num_params"]
     table = capsys.readouterr().out
     assert "total" in table and f"{doc['normalized_norm']:.6g}" in table
 
@@ -91,7 +91,7 @@ def test_usage_errors_exit_2():
 def test_psi_prints_table(capsys):
     assert main(["psi", "gelu", "mish", "rct:n=2,alpha=7"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [l.split()[-1] for l in out] == ["0.7979", "0.6442", "7"]
+    assert [line.split()[-1] for line in out] == ["0.7979", "0.6442", "7"]
 
 
 def test_internal_error_exits_1_with_hint(small_checkpoint, monkeypatch, capsys):
@@ -107,7 +107,7 @@ def test_internal_error_exits_1_with_hint(small_checkpoint, monkeypatch, capsys)
 
 
 def test_demo_prints_table_and_total(capsys):
-    assert bundled_checkpoint() is not None
+    assert bundled_checkpoint().is_file()
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "1.weight" in out and "5,962" in out

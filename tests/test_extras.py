@@ -15,7 +15,6 @@ from .reference import reference_hessian
 pytest.importorskip("pyhessian")
 
 
-
 @pytest.mark.parametrize(("activation", "loss"), [("tanh", "ce"), ("rct:n=1,alpha=4", "mse")])
 def test_trace_and_top_eigenvalue_match_the_exact_hessian(activation, loss, tiny_classification):
     model = tiny_mlp(activation)

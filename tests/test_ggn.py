@@ -25,7 +25,6 @@ from .reference import (
 SPLIT_RTOL = 1e-9
 
 
-
 class Block(nn.Module):
     """conv-BN-φ-conv-BN plus the identity, then φ: a residual addition BackPACK's
     DiagHessian cannot traverse but its graph converter can (for the GGN)."""
@@ -53,7 +52,6 @@ class TinyResNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.block(self.act(self.stem(x)))), 1))
-
 
 
 def tiny_resnet(act: nn.Module) -> nn.Module:

@@ -173,7 +173,7 @@ def test_asymmetric_same_padding_has_no_rule():
 def test_batch_norm_rule_matches_per_example_gradients(shape, keywords):
     x = randn(*shape, seed=1)
     mean, var = 0.3 * randn(3, seed=2), 0.5 + torch.rand(3, generator=generator(3),
-                                                          dtype=torch.float64)
+                                                         dtype=torch.float64)
     weight, b = 1.0 + randn(3, seed=4), randn(3, seed=5)
     eps = 1e-3  # not the default, so a rule that ignores it fails
     grad = randn(*shape, seed=6)
@@ -247,4 +247,3 @@ def test_ggn_squares_match_torch_func_for_any_chunk(monkeypatch, chunk):
     for name, value in reference.items():
         scale = float(value.abs().max())
         assert float((taped[name] - value).abs().max()) <= 1e-12 * scale, name
-

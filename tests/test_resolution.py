@@ -100,7 +100,7 @@ def test_unresolved_layer_under_a_resolved_total():
     stats = {"a.weight": NormStatistics(8.0, (7.0, 9.0)), "a.bias": NormStatistics(-1.0, (-3.0, 3.0)),
              "total": NormStatistics(7.0, (5.0, 9.0))}
     res = make(DiagonalEstimate(diagonal=DIAG, hvps=16, samples=16, norm_statistics=stats))
-    layers = {l.name: l for l in res.per_layer}
+    layers = {layer.name: layer for layer in res.per_layer}
     assert res.resolved and layers["a.weight"].resolved and not layers["a.bias"].resolved
     assert layers["a.bias"].sq_norm == -1.0 and layers["a.bias"].sq_norm_ci95 == (-3.0, 3.0)
     cells = value_column(res.table())
@@ -125,7 +125,7 @@ def test_curvprop_budget_is_counted_in_replicates():
 
 def test_exact_results_are_resolved_even_where_the_diagonal_is_zero():
     res = make(DiagonalEstimate(diagonal=DIAG, hvps=5))
-    assert res.resolved and all(l.resolved for l in res.per_layer)
+    assert res.resolved and all(layer.resolved for layer in res.per_layer)
     assert res.sq_norm == pytest.approx(25.0) and res.sq_norm_ci95 == (res.sq_norm, res.sq_norm)
     assert res.probes_for_rtol(0.05) is None and res.resolution_warning() is None
     assert "<" not in res.table()
@@ -138,7 +138,7 @@ def test_exact_estimators_are_always_resolved(estimator, tiny_classification):
         res = hessdiag.measure(tiny_mlp(), tiny_classification, estimator=estimator,
                                dtype="float64", split_ggn=True)
     assert res.resolved and res.residual_resolved and res.rtol_budget is None
-    assert all(l.resolved and l.residual_resolved for l in res.per_layer)
+    assert all(layer.resolved and layer.residual_resolved for layer in res.per_layer)
     doc = json.loads(res.to_json())
     assert doc["resolved"] is True and doc["residual_resolved"] is True
 
@@ -217,7 +217,7 @@ def test_the_ggn_residual_gets_the_same_treatment(tiny_classification):
         res = hessdiag.measure(tiny_mlp(), tiny_classification, "ce", "hutchinson-plain",
                                samples=4, seed=0, dtype="float64", split_ggn=True)
     assert res.residual_resolved is False and res.residual_sq_norm is not None
-    assert any(l.residual_resolved is False for l in res.per_layer)
+    assert any(layer.residual_resolved is False for layer in res.per_layer)
     # The residual column shows "< hi" where the residual is unresolved; GGN stays a number.
     header, _, *rows = res.table().splitlines()
     start = header.index("residual") + len("residual")
@@ -256,7 +256,7 @@ def test_cli_marks_unresolved_rows_and_warns_once_on_stderr(small_checkpoint, tm
                            f"(--samples {hvps} / samples={hvps})")
     cells = value_column(captured.out)
     assert cells["total"] == f"< {doc['ci95'][1]:.6g}"
-    assert all(cells[l["name"]].startswith("< ") for l in doc["per_layer"] if not l["resolved"])
+    assert all(cells[layer["name"]].startswith("< ") for layer in doc["per_layer"] if not layer["resolved"])
     assert f"rtol 0.05 needs at least {hvps:,} HVPs" in captured.out.splitlines()[-1]
     assert main(["measure", str(small_checkpoint), "--max-examples", "40", "--estimator",
                  "hutchinson-plain", "--samples", "4", "--quiet"]) == 0

@@ -21,7 +21,7 @@ def test_exact_norms_follow_from_the_diagonal():
     res = make(DiagonalEstimate(diagonal=DIAG, hvps=5))
     assert res.normalized_norm == pytest.approx(5 / math.sqrt(5)) == normalized_norm(DIAG)
     assert res.norm == pytest.approx(5.0) and res.ci95 == (res.normalized_norm, res.normalized_norm)
-    layer = {l.name: l for l in res.per_layer}
+    layer = {entry.name: entry for entry in res.per_layer}
     assert layer["a.weight"].normalized_norm == pytest.approx(5 / math.sqrt(2))
     assert layer["a.bias"].normalized_norm == 0.0
 
@@ -32,7 +32,7 @@ def test_statistics_override_the_plug_in_norm_and_negative_estimates_clip_to_zer
     res = make(DiagonalEstimate(diagonal=DIAG, hvps=64, samples=64, norm_statistics=stats))
     assert res.normalized_norm == pytest.approx(2.0) and res.ci95 == pytest.approx((1.0, 3.0))
     assert res.naive_normalized_norm == pytest.approx(4.0)
-    bias = {l.name: l for l in res.per_layer}["a.bias"]
+    bias = {layer.name: layer for layer in res.per_layer}["a.bias"]
     assert bias.normalized_norm == 0.0 and bias.ci95 == pytest.approx((0.0, 1.0))
 
 

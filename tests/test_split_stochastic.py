@@ -141,7 +141,7 @@ def test_exact_estimators_keep_an_exact_residual_with_zero_width(setting):
     exact = hessdiag.normalized_norm(setting["residual"])
     assert res.residual_normalized_norm == pytest.approx(exact, rel=1e-9)
     assert res.residual_ci95 == (res.residual_normalized_norm, res.residual_normalized_norm)
-    assert all(l.residual_ci95 == (l.residual_normalized_norm,) * 2 for l in res.per_layer)
+    assert all(layer.residual_ci95 == (layer.residual_normalized_norm,) * 2 for layer in res.per_layer)
     assert "residual 95%" not in res.table()
 
 

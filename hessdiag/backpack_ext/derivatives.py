@@ -13,6 +13,8 @@ BackPACK path, the analytic path and ψ_max can never disagree about φ' or φ''
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from backpack.core.derivatives.elementwise import ElementwiseDerivatives
@@ -45,4 +47,4 @@ class ClosedFormActivationDerivatives(ElementwiseDerivatives):
 
     def d2f(self, module: nn.Module, g_inp: tuple[Tensor, ...], g_out: tuple[Tensor, ...]) -> Tensor:
         """φ''(x) at the input, shape ``[N, *features]``."""
-        return activation_derivatives(module).d2phi(module.input0)
+        return activation_derivatives(module).d2phi(cast(Tensor, module.input0))  # set by BackPACK

@@ -31,6 +31,7 @@ The same seed, data and batch size give bit-identical results.
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -208,7 +209,7 @@ class CurvpropEstimator(Estimator):
         coefficients = [site.coefficient() for site in batch.sites]
         target, weights = batch, None
         if self.allocation == "proportional":
-            mass = sum(c.abs().reshape(batch.num, -1).sum(1) for c in coefficients)
+            mass = cast(Tensor, sum(c.abs().reshape(batch.num, -1).sum(1) for c in coefficients))
             total = float(mass.sum())
             if total == 0.0:
                 return 0.0
@@ -231,7 +232,7 @@ class CurvpropEstimator(Estimator):
                                      weights)
         down = target.injected_squares([s * (-c).clamp(min=0).sqrt()
                                         for s, c in zip(signs, coefficients)], weights)
-        into += self._flat(objective, {k: up.get(k, 0) - down.get(k, 0) for k in set(up) | set(down)})
+        into += self._flat(objective, {k: cast(Tensor, up.get(k, 0) - down.get(k, 0)) for k in set(up) | set(down)})
         return 2.0 * target.num
 
     @staticmethod
@@ -239,4 +240,3 @@ class CurvpropEstimator(Estimator):
         full = {n: (parts[n] if n in parts and isinstance(parts[n], Tensor)
                     else torch.zeros_like(p)).unsqueeze(0) for n, p in objective.params.items()}
         return objective.flatten(full)[0]
-

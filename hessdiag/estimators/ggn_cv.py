@@ -3,7 +3,8 @@
 H = G + R, where G = (1/N) Σₙ Jₙᵀ Λₙ Jₙ is the generalized Gauss–Newton matrix and R the
 residual carrying the activations' second derivatives weighted by the loss gradient
 (docs/math.md). diag(G) is computed exactly (:func:`hessdiag.ggn.ggn_diagonal`: BackPACK
-``DiagGGNExact`` where it can traverse the model, else C VJPs per example), and diag(R) by Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
+``DiagGGNExact`` where it can traverse the model, else C VJPs per example), and diag(R) by
+Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
 product (:meth:`Objective.residual_vp`) costing one HVP. With g = diag G exact,
 
     ‖d‖² = ‖g‖² + 2 gᵀr + ‖r‖²,   estimated by ‖g‖² + 2 gᵀ r̄ + U(r₁, …, r_N),

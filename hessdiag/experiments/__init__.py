@@ -38,6 +38,7 @@ __all__ = [
     "evaluate",
     "invariant_normalized_norm",
     "parameter_scales",
+    "pgd_accuracy",
     "relative_diagonal",
     "reparametrize",
     "train",

@@ -73,6 +73,16 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 @contextlib.contextmanager
+def forked_rng(device: torch.device) -> Iterator[None]:
+    """Restore torch's global RNG state after the block: the CPU generator, and on a CUDA
+    ``device`` that device's generator too."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's global RNG for the block and restore the caller's RNG state afterwards.
 
@@ -80,9 +90,7 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     attacks call ``torch.manual_seed`` themselves; forking the RNG keeps both effects from
     leaking into the caller. On a CUDA model the RNG of its device is forked and seeded too.
     """
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(device):
         torch.manual_seed(seed)
         yield
 

@@ -19,7 +19,8 @@ correctly both clean and at the attack's output, so it never exceeds the clean a
 and at ε = 0 it equals the clean accuracy exactly (every attack returns the input itself).
 Only the clean-correct examples are attacked. The model is evaluated in eval mode and its
 train/eval flag restored. Attacks run in batches of ``batch_size`` on the model's device,
-on float32 images fed to the model in its own dtype; their randomness is seeded with ``seed`` (the caller's RNG state is restored).
+on float32 images fed to the model in its own dtype; their randomness is seeded with
+``seed`` (the caller's RNG state is restored).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from .sweep import RESULTS, read_results, records_by_id
 
 _RCT = re.compile(r"rct:n=(\d+),psi=")
 
+
 def _get(*keys: str):
     """A getter of the finite number at ``record[k1][k2]...`` (None if missing or not finite)."""
     def getter(record: dict[str, Any]) -> float | None:
@@ -134,7 +135,9 @@ def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool)
                 values = [v for v in map(getter, rct[n][psi]) if v is not None]
                 if values:
                     m, s = _stats(values)
-                    xs.append(psi), means.append(m), stds.append(s)
+                    xs.append(psi)
+                    means.append(m)
+                    stds.append(s)
                     positive &= m - s > 0 and m > 0
             if xs:
                 placed.update(xs)
@@ -143,16 +146,16 @@ def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool)
                             capsize=3, label=label)
         color += 1
     for act in sorted(baselines):
-        psi = baselines[act][0].get("psi_max")
-        if not isinstance(psi, (int, float)) or not math.isfinite(psi):
+        baseline_psi = baselines[act][0].get("psi_max")
+        if not isinstance(baseline_psi, (int, float)) or not math.isfinite(baseline_psi):
             continue  # ψ_max = ∞ (ReLU): no place on the axis
         for (suffix, getter, _style), marker in zip(series, "sD"):
             values = [v for v in map(getter, baselines[act]) if v is not None]
             if values:
                 m, s = _stats(values)
                 positive &= m - s > 0 and m > 0
-                placed.add(float(psi))
-                ax.errorbar([psi], [m], yerr=[s], fmt=marker, color=f"C{color % 10}", capsize=3,
+                placed.add(float(baseline_psi))
+                ax.errorbar([baseline_psi], [m], yerr=[s], fmt=marker, color=f"C{color % 10}", capsize=3,
                             label=act + (f" {suffix}" if suffix else ""))
         color += 1
     if log_y and positive and ax.has_data():

@@ -260,7 +260,10 @@ def parameter_scales(model: nn.Module, alpha: float = 1.0) -> dict[str, float]:
     Parameters it does not touch (factor 1, or modules the forward pass never calls) are
     listed with 1.0. Raises :class:`ReparametrizationError` for unsupported structures.
     """
-    plan = _plan(model, _check_alpha(alpha))
+    return _factors(model, _plan(model, _check_alpha(alpha)))
+
+
+def _factors(model: nn.Module, plan: _Plan) -> dict[str, float]:
     factors = {name: 1.0 for name, _ in model.named_parameters()}
     for module_name, (s_in, s_out) in plan.affine.items():
         prefix = f"{module_name}." if module_name else ""
@@ -294,15 +297,11 @@ def reparametrize(model: nn.Module, alpha: float = 1.0) -> nn.Module:
     new = copy.deepcopy(model)
     plan = _plan(new, target)
     with torch.no_grad():
-        for name, (s_in, s_out) in plan.affine.items():
-            layer = new.get_submodule(name)
-            layer.weight.mul_(s_out / s_in)
-            if layer.bias is not None:
-                layer.bias.mul_(s_out)
-        for name, s_out in plan.norms.items():
-            norm = new.get_submodule(name)
-            norm.weight.mul_(s_out)
-            norm.bias.mul_(s_out)
+        for name, factor in _factors(new, plan).items():
+            if factor != 1.0:
+                new.get_parameter(name).mul_(factor)
     for name in plan.activations:
-        new.get_submodule(name).alpha = target
+        activation = new.get_submodule(name)
+        assert isinstance(activation, RCTAF)  # _plan lists RCT-AF modules only
+        activation.alpha = target
     return new

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -49,7 +49,7 @@ SCHEMA_VERSION = 1
 # Allowed keys of each table, with their defaults (None: required or optional without one).
 _SWEEP_KEYS = {"data": "digits", "seeds": [0], "eps": 0.1, "max_train": None, "max_test": None,
                "device": "cpu"}
-_ACT_KEYS = {"rct_n": [], "psi": [], "baselines": []}
+_ACT_KEYS: dict[str, list[Any]] = {"rct_n": [], "psi": [], "baselines": []}
 _TRAIN_KEYS = {"methods": ["standard"], "epochs": 20, "lr": 3e-3, "batch_size": 64, "steps": 10,
                "alpha": None, "beta": 6.0, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9,
                "lr_schedule": "constant"}
@@ -59,8 +59,8 @@ _LATER_KEYS = {"training": {"lr_schedule": "constant"}}
 _EVAL_KEYS = {"pgd_steps": 20, "autoattack": False, "batch_size": 512}
 _MEASURE_KEYS = {"estimator": "auto", "max_examples": None, "samples": None, "rtol": 0.05,
                  "max_samples": 1024, "seed": 0, "dtype": None, "adversarial": True}
-_TABLES = {"sweep": _SWEEP_KEYS, "activations": _ACT_KEYS, "training": _TRAIN_KEYS,
-           "evaluation": _EVAL_KEYS, "measure": _MEASURE_KEYS}
+_TABLES: dict[str, dict[str, Any]] = {"sweep": _SWEEP_KEYS, "activations": _ACT_KEYS, "training": _TRAIN_KEYS,
+                                      "evaluation": _EVAL_KEYS, "measure": _MEASURE_KEYS}
 
 
 class SweepConfigError(ExperimentError):
@@ -78,7 +78,7 @@ class Run:
 
 # -- configuration ----------------------------------------------------------------------
 
-def _fail(where: str, message: str) -> None:
+def _fail(where: str, message: str) -> NoReturn:
     raise SweepConfigError(f"{where}: {message}")
 
 
@@ -226,15 +226,16 @@ def validate(doc: dict[str, Any], source: str = "config") -> dict[str, Any]:
 
 def _toml() -> Any:
     """``tomllib`` (Python 3.11+), else the ``tomli`` backport."""
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise SweepConfigError("reading a sweep config on Python 3.10 needs tomli: "
-                                   "pip install tomli (or 'hessdiag[experiments]')") from None
-    return tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError:
+        raise SweepConfigError("reading a sweep config on Python 3.10 needs tomli: "
+                               "pip install tomli (or 'hessdiag[experiments]')") from None
+    return tomli
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -422,7 +423,19 @@ def _adversarial(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
 
 
 def execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Train, evaluate and measure one run; save its checkpoint; return its record."""
+    """Train, evaluate and measure one run; save its checkpoint; return its record.
+
+    The run seeds torch's global RNG (``torch.manual_seed(seed)`` before building the
+    model); the caller's RNG state is restored afterwards, so that running sweeps in
+    process (``jobs=1``) leaves the global generators as they were.
+    """
+    from ._common import forked_rng
+
+    with forked_rng(torch.device(run.config["device"])):
+        return _execute(run, out_dir)
+
+
+def _execute(run: Run, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     from ..activations import get_activation, psi_max
     from ..io.checkpoints import save_checkpoint
     from ..io.data import load_data

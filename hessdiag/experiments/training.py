@@ -241,4 +241,5 @@ def _batch_loss(model: nn.Module, cfg: TrainingConfig, attack: Any, xb: Tensor, 
         return F.cross_entropy(model(x_adv), yb)
     logits = model(xb)
     kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    assert cfg.beta is not None  # set for "trades" (_resolve)
     return F.cross_entropy(logits, yb) + cfg.beta * kl

@@ -1,4 +1,5 @@
-"""Checkpoints (docs/index.md, "Checkpoints and data"): every kind a user brings, loaded without running checkpoint code.
+"""Checkpoints (docs/index.md, "Checkpoints and data"): every kind a user brings, loaded
+without running checkpoint code.
 
 Kinds, in the order they are recognized:
 
@@ -53,7 +54,6 @@ __all__ = [
 
 class CheckpointError(HessdiagError):
     """A checkpoint that cannot be read, or whose contents do not fit the model."""
-
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import io
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
         if subtype is not _NDARRAY or tuple(shape) != (0,):
             raise pickle.UnpicklingError("refusing an array not pickled the way NumPy pickles arrays")
-        return multiarray._reconstruct(np.ndarray, (0,), dtype)
+        return cast(np.ndarray, multiarray._reconstruct(np.ndarray, (0,), dtype))
 
     def scalar(dtype: Any, *args: Any) -> Any:
         if not isinstance(dtype, np.dtype) or dtype.itemsize > MAX_SCALAR_BYTES:

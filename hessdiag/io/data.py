@@ -34,7 +34,6 @@ class DataSpecError(HessdiagError):
     """An unknown, unreadable or malformed data spec."""
 
 
-
 def digits(split: str = "train") -> tuple[Tensor, Tensor]:
     """scikit-learn's digits as float32 images (N, 1, 8, 8) in [0, 1] and int64 labels."""
     from sklearn.datasets import load_digits

@@ -24,7 +24,6 @@ class ModelSpecError(HessdiagError):
     """A ``--model`` spec that cannot be imported or does not build an ``nn.Module``."""
 
 
-
 def _is_file_spec(module_part: str) -> bool:
     return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
 
@@ -76,7 +75,8 @@ def import_attr(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(module_part)
         except Exception as err:  # noqa: BLE001 - ImportError or the module's own failure
-            raise ModelSpecError(f"cannot import {module_part!r} for --model: {first_line(err, with_type=True)}") from None
+            raise ModelSpecError(f"cannot import {module_part!r} for --model: "
+                                 f"{first_line(err, with_type=True)}") from None
     try:
         obj: Any = module
         for part in attr.split("."):

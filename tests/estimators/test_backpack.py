@@ -21,9 +21,6 @@ ACTIVATIONS = ["rct:n=0,alpha=28", "rct:n=1,alpha=14", "rct:n=2,alpha=7", "silu"
                "softplus", "mish", "tanh"]
 
 
-
-
-
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_backpack_equals_exact_on_mlp(activation, loss, tiny_classification):

@@ -19,9 +19,6 @@ from ..reference import max_relative_error, reference_diagonal
 EXACT_RTOL = 1e-10
 
 
-
-
-
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("activation", ["tanh", "rct:n=1,alpha=14", "rct:n=2,alpha=7", "silu"])
 def test_exact_equals_autograd_hessian_diagonal_on_tiny_mlp(loss, activation, tiny_classification):
@@ -145,7 +142,7 @@ def test_cost_model_of_the_refusal(monkeypatch):
     estimator = ExactEstimator(EstimatorOptions(max_params=10))
     expected = exact.HVP_GRADIENTS * objective.num_params * 12 * 1e-3
     assert estimator.estimated_seconds(objective) == pytest.approx(expected)
-    assert f"HVPs over about 12 examples" in estimator.refusal(objective, 10)
+    assert "HVPs over about 12 examples" in estimator.refusal(objective, 10)
     list(objective.batches())  # a full pass counts the examples exactly
     assert estimator.estimated_seconds(objective) == pytest.approx(expected * 10 / 12)
     assert "HVPs over 10 examples" in estimator.refusal(objective, 10)

@@ -29,7 +29,6 @@ class SeparableNet(nn.Module):
         return torch.tanh(torch.cat([x[:, :3] * self.w1, x[:, 3:] * self.w2.reshape(-1)], 1))
 
 
-
 def norm(diag):
     values = flat(diag)
     return float(values.norm()) / math.sqrt(values.numel())

@@ -20,7 +20,6 @@ from hessdiag.io.data import load_data
 from hessdiag.models import mlp
 
 
-
 @pytest.fixture(scope="module")
 def trained():
     """A 64-16-10 RCT-AF MLP trained briefly on digits, and 40 test examples."""

@@ -12,7 +12,6 @@ from hessdiag.models import mlp
 from hessdiag.training import accuracy
 
 
-
 @pytest.fixture(scope="module")
 def digits_small():
     x, y = load_data("digits", split="train")

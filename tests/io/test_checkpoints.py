@@ -143,7 +143,7 @@ def test_pickled_module_needs_trust(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(model, path)
     with pytest.raises(CheckpointError, match=r"pickled Python objects \(torch\.nn\..*Sequential\).*"
-                                               r"could run code.*--trust-checkpoint"):
+                                              r"could run code.*--trust-checkpoint"):
         load_checkpoint(path)
     loaded, meta = load_checkpoint(path, trust=True)
     _assert_same_weights(model, loaded)
