@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(PY) -m flake8 hessdiag tests benchmarks examples
 	$(PY) -m mypy hessdiag
 
-# The appendix, machine-checked (MATH.md §4): analytic decomposition vs autograd, sympy proofs.
+# The appendix, machine-checked (docs/appendix.md): analytic decomposition vs autograd, sympy proofs.
 # `make test` runs the same quick battery through tests/test_check.py.
 check: $(STAMP)
 	$(PY) -m hessdiag check

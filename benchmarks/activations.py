@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hessdiag.activations import get_activation
 from hessdiag.models import resnet18_cifar

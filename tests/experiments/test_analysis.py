@@ -27,12 +27,14 @@ def _records(norm, pgd, clean, seeds=(0, 1, 2), noise=0.01, model="mlp", method=
                            "activation": f"rct:n=1,psi={psi}"},
                 "psi_max": psi, "pgd_accuracy": jitter(pgd), "clean_accuracy": jitter(clean),
                 "autoattack_accuracy": None,
-                "measure": {"clean": {"normalized_norm": jitter(norm), "invariant_normalized_norm": jitter(norm)},
-                            "adversarial": {"normalized_norm": jitter(norm)}},
+                "measure": {
+                    "clean": {"normalized_norm": jitter(norm), "invariant_normalized_norm": jitter(norm)},
+                    "adversarial": {"normalized_norm": jitter(norm)},
+                },
             })
     # A baseline is not part of any ψ_max curve.
-    out.append({"id": f"{model}-{method}-relu", "config": {"model": model, "method": method, "data": "digits", "seed": 0,
-                           "activation": "relu"}, "psi_max": None, "pgd_accuracy": 0.1,
+    relu = {"model": model, "method": method, "data": "digits", "seed": 0, "activation": "relu"}
+    out.append({"id": f"{model}-{method}-relu", "config": relu, "psi_max": None, "pgd_accuracy": 0.1,
                 "clean_accuracy": 0.9, "measure": {}})
     return out
 
