@@ -166,17 +166,17 @@ def _rct_value(x: Tensor, n: int, alpha: float) -> Tensor:
     if n == 0:
         # softplus(αx)/α, torch's fused kernel (log1p(exp(βx))/β below the threshold).
         return F.softplus(x, beta=alpha, threshold=_softplus_threshold(x.dtype))
-    u = _clamped_(alpha * x)
+    if n == 1:  # x σ(αx): no clamp needed, σ(±inf) is exact and x is finite
+        return torch.sigmoid(torch.mul(x, alpha)).mul_(x)
+    u = _clamped_(torch.mul(x, alpha))
     s = torch.sigmoid(u)
-    if n == 1:
-        return s.mul_(x)  # x s
     q = torch.neg(u).sigmoid_().mul_(s)  # s(1 - s) = s σ(-u)
     return q.mul_(u).add_(s).mul_(x)  # x (s + u q)
 
 
 def _rct_first(x: Tensor, n: int, alpha: float) -> Tensor:
     """f_n'(x) = g_n'(αx): s, s + u q, s + q u (3 + u t) for n = 0, 1, 2."""
-    u = _clamped_(alpha * x)
+    u = _clamped_(torch.mul(x, alpha))
     s = torch.sigmoid(u)
     if n == 0:
         return s
@@ -202,9 +202,8 @@ def _rct_first_vjp(grad_out: Tensor, x: Tensor, n: int, alpha: float) -> Tensor:
     if n == 1:
         # u clamped: an overflowing αx (float16) must give f' ∈ {0, 1}, not inf·0 = NaN. The
         # kernel computes half types in float32, so the float32 bound keeps it exact there.
-        u = alpha * x
-        bound = _exp_underflow_bound(torch.promote_types(u.dtype, torch.float32))
-        return torch.ops.aten.silu_backward(grad_out, u.clamp_min_(-bound).clamp_max_(bound))
+        bound = _exp_underflow_bound(torch.promote_types(x.dtype, torch.float32))
+        return torch.ops.aten.silu_backward(grad_out, torch.mul(x, alpha).clamp_(-bound, bound))
     return _rct_first(x, n, alpha).mul_(grad_out)
 
 
