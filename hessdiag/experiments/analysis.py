@@ -222,7 +222,8 @@ def _p(value: float | None) -> str:
 
 
 def render_markdown(analyses: list[GroupAnalysis]) -> str:
-    """The tables of docs/findings.md: one per group, one row per metric."""
+    """The tables of docs/findings.md, per group: the tests (one row per metric), then the
+    curves (seed mean ± standard deviation at every ψ_max)."""
     lo, hi = CLAIM_WINDOW
     lines = []
     for g in analyses:
@@ -239,6 +240,17 @@ def render_markdown(analyses: list[GroupAnalysis]) -> str:
                 f"| {'yes' if e.in_window else 'no'} ({e.bootstrap_in_window:.0%}) "
                 f"| {e.bootstrap_psi_interval[0]:g}–{e.bootstrap_psi_interval[1]:g} "
                 f"| {_p(e.p_vs_smallest_psi)} | {_p(e.p_vs_largest_psi)} | {'yes' if e.bends else 'no'} |")
+        lines.append("")
+        metrics = list(g.curves)
+        psis = sorted({p.psi for m in metrics for p in g.curves[m]})
+        lines += ["| ψ_max | " + " | ".join(METRICS[m][2] for m in metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        for psi in psis:
+            cells = []
+            for m in metrics:
+                point = next((p for p in g.curves[m] if p.psi == psi), None)
+                cells.append("—" if point is None else f"{point.mean:.4g} ± {point.std:.2g}")
+            lines.append(f"| {psi:g} | " + " | ".join(cells) + " |")
         lines.append("")
         if g.window_test_p is not None:
             lines.append(f"Claim (a), best PGD point in [{lo:g}, {hi:g}] vs best outside: "
