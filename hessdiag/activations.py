@@ -204,7 +204,8 @@ def _rct_first_vjp(grad_out: Tensor, x: Tensor, n: int, alpha: float) -> Tensor:
         # kernel computes half types in float32, so the float32 bound keeps it exact there.
         bound = _exp_underflow_bound(torch.promote_types(x.dtype, torch.float32))
         return torch.ops.aten.silu_backward(grad_out, torch.mul(x, alpha).clamp_(-bound, bound))
-    return _rct_first(x, n, alpha).mul_(grad_out)
+    # Out of place: under torch.func the cotangent may be batched where x is not.
+    return grad_out * _rct_first(x, n, alpha)
 
 
 class _RCTAFNodeMixin:
