@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,7 @@ def measure(
     checkpoint: str | None = None,
     split_ggn: bool = False,
     extras: str | Iterable[str] | None = None,
+    keep_diagonal: bool = False,
     progress: Progress | None = None,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
@@ -93,6 +95,10 @@ def measure(
             ``"trace"`` (Hutchinson trace, ``trace:K`` probes, default 100) and
             ``"top-eig"`` (top eigenvalue(s), ``top-eig:K``), as a comma-separated string
             or a sequence; reported in ``Result.extras`` (:mod:`hessdiag.extras`).
+        keep_diagonal: keep the diagonal itself in ``Result.diagonal`` (``{name: Tensor}``
+            in the compute dtype; with ``split_ggn`` also ``ggn_diagonal`` and
+            ``residual_diagonal``). Off by default, so that a result holds norms only and
+            not P numbers (36 M for a WideResNet); :func:`hessian_diagonal` turns it on.
         progress: called with the number of examples of each batch processed (over all
             data passes), e.g. a tqdm bar's ``update``.
 
@@ -153,6 +159,7 @@ def measure(
         seconds=seconds,
         seed=None if chosen.exact else seed,
         checkpoint=checkpoint,
+        keep_diagonal=keep_diagonal,
         split=split,
         extras=context,
         selection=selection,
@@ -172,7 +179,11 @@ def measure(
 
 
 def hessian_diagonal(
-    model: nn.Module, data: object, loss: str = "ce", estimator: str = "auto", **kwargs: object
+    model: nn.Module, data: object, loss: str = "ce", estimator: str = "auto", **kwargs: Any
 ) -> dict[str, Tensor]:
-    """diag(∇²L(θ)) as ``{parameter name: Tensor}``; keyword arguments as in :func:`measure`."""
-    return measure(model, data, loss, estimator, **kwargs).diagonal  # type: ignore[arg-type]
+    """diag(∇²L(θ)) as ``{parameter name: Tensor[shape]}`` in the compute dtype; keyword
+    arguments as in :func:`measure`."""
+    kwargs.pop("keep_diagonal", None)  # the diagonal is what this function returns
+    diagonal = measure(model, data, loss, estimator, keep_diagonal=True, **kwargs).diagonal
+    assert diagonal is not None  # kept on request
+    return diagonal

@@ -101,6 +101,8 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
     p.add_argument("--json", metavar="PATH", help="write the result document (docs/index.md) atomically")
     p.add_argument("--plot", metavar="PATH", help="write a per-layer bar chart (png/svg/pdf)")
+    p.add_argument("--save-diagonal", metavar="PATH",
+                   help="write the diagonal, one tensor per parameter, to a .safetensors file atomically")
     p.add_argument("--quiet", action="store_true", help="print only the total; no progress bar")
 
 
@@ -187,10 +189,10 @@ def _report_unresolved(result: Result) -> None:
 
 def _measure(args: argparse.Namespace) -> int:
     from .io import load_checkpoint, load_data
-    from .output import check_outputs, write_json, write_plot
+    from .output import check_outputs, write_diagonal, write_json, write_plot
     from .progress import progress_bar
 
-    check_outputs(args.json, args.plot)  # before any work: a bad path wastes no run
+    check_outputs(args.json, args.plot, args.save_diagonal)  # before any work: a bad path wastes no run
     model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
                                   trust=args.trust_checkpoint)
     spec = args.data or meta.get("data") or "digits"
@@ -204,7 +206,7 @@ def _measure(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, hvp_route=args.hvp_route,
             max_params=args.max_params, force=args.force,
             checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
-            extras=args.extras, progress=progress,
+            extras=args.extras, keep_diagonal=bool(args.save_diagonal), progress=progress,
         )
     print(result.total_text() if args.quiet else result.table())
     _report_unresolved(result)
@@ -212,6 +214,8 @@ def _measure(args: argparse.Namespace) -> int:
         write_json(result, args.json)
     if args.plot:
         write_plot(result, args.plot)
+    if args.save_diagonal:
+        write_diagonal(result, args.save_diagonal)
     return EXIT_OK
 
 

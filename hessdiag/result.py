@@ -127,6 +127,10 @@ class Result:
     95 % interval ``sq_norm_ci95``, the same for the GGN residual (``residual_resolved``,
     ``None`` without an interval), and for stochastic runs of :func:`hessdiag.measure`
     ``rtol_budget``, the budget the observed variance implies for the requested ``rtol``.
+
+    ``diagonal`` (``{name: Tensor}``, with ``split_ggn`` also ``ggn_diagonal`` and
+    ``residual_diagonal``) is kept only on request (``measure(..., keep_diagonal=True)``),
+    else ``None``; it is never part of the JSON document.
     """
 
     estimator: str
@@ -160,7 +164,7 @@ class Result:
     residual_sq_norm: float | None = None
     residual_sq_norm_ci95: tuple[float, float] | None = None
     rtol_budget: RtolBudget | None = None
-    diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
 
@@ -181,6 +185,7 @@ class Result:
         selection: str | None = None,
         hvp_route: str | None = None,
         hvp_fallback: str | None = None,
+        keep_diagonal: bool = False,
     ) -> Result:
         """Assemble totals and per-layer norms from an estimator's output.
 
@@ -197,6 +202,9 @@ class Result:
         ``None`` when none ran), ``hvp_fallback``: torch.func's refusal when the
         ``"auto"`` route fell back to double backward
         (:meth:`hessdiag.objective.Objective.batch_hvp`).
+
+        ``keep_diagonal``: keep the diagonals themselves (else ``diagonal``,
+        ``ggn_diagonal`` and ``residual_diagonal`` are ``None``).
         """
         diag = estimate.diagonal
         stats = estimate.norm_statistics
@@ -257,7 +265,7 @@ class Result:
             seed=seed,
             naive_normalized_norm=naive,
             checkpoint=checkpoint,
-            diagonal=diag,
+            diagonal=diag if keep_diagonal else None,
             ggn_normalized_norm=None if split is None else normalized_norm(split.ggn),
             residual_normalized_norm=residual_norm,
             residual_ci95=residual_ci95,
@@ -266,8 +274,8 @@ class Result:
             selection=selection,
             hvp_route=hvp_route,
             hvp_fallback=hvp_fallback,
-            ggn_diagonal=None if split is None else split.ggn,
-            residual_diagonal=None if split is None else split.residual,
+            ggn_diagonal=None if split is None or not keep_diagonal else split.ggn,
+            residual_diagonal=None if split is None or not keep_diagonal else split.residual,
             extras=extras,
             resolved=resolved(total),
             sq_norm=total.sq_norm,
