@@ -69,7 +69,7 @@ def _extras(text: str) -> str:
 
 
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
-    from .estimators import ESTIMATORS
+    from .estimators import estimator_names
     from .objective import HVP_ROUTES, LOSSES
 
     p.add_argument("--data", metavar="DATA",
@@ -80,7 +80,9 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
-    p.add_argument("--estimator", default="auto", choices=sorted(ESTIMATORS),
+    # The names include estimators added with register_estimator() before main() runs, and
+    # those of installed packages' hessdiag.estimators entry points (loaded only if chosen).
+    p.add_argument("--estimator", default="auto", choices=estimator_names(),
                    help="estimator (default: auto, the cheapest route the model's structure allows)")
     p.add_argument("--samples", type=_positive_int, help="fixed number of probes (stochastic estimators)")
     p.add_argument("--rtol", type=_positive_float, default=0.05,
@@ -201,7 +203,8 @@ def _measure(args: argparse.Namespace) -> int:
     terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     with progress_bar(enabled=terminal and not args.quiet) as progress:
         result = _measure_reporting_later(
-            model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
+            model, data, loss=loss, estimator=args.estimator,
+            samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
             batch_size=args.batch_size, hvp_route=args.hvp_route,
             max_params=args.max_params, force=args.force,
