@@ -7,7 +7,7 @@ Public API (docs/index.md)::
     res.normalized_norm, res.ci95, res.per_layer, res.to_json(), res.plot()
     res.resolved                                           # False: interval too wide (and a warning)
     diag = hessdiag.hessian_diagonal(model, (x, y))        # {name: Tensor}
-    hessdiag.measure(model, (x, y),                        # an estimator object with its own options
+    hessdiag.measure(model, (x, y), params="2.*",          # a parameter subset, an estimator object
                      estimator=hessdiag.HutchinsonEstimator(samples=64, seed=1), keep_diagonal=True)
     hessdiag.register_estimator("mine", MyEstimator)       # then estimator="mine", --estimator mine
     hessdiag.RCTAF(n=1, alpha=14.0).psi_max                 # 7.0

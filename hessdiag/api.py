@@ -20,6 +20,7 @@ from .ggn import ggn_diagonal, split_diagonal
 from .objective import Objective
 from .progress import Progress, ProgressBatches
 from .result import Result, RtolBudget, UnresolvedEstimateWarning
+from .selection import ParamSpec
 from .validation import check_device, validate_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -45,6 +46,7 @@ def measure(
     loss: str = "ce",
     estimator: str | Estimator = "auto",
     *,
+    params: ParamSpec | None = None,
     samples: int | None = None,
     rtol: float | None = None,
     max_samples: int | None = None,
@@ -75,6 +77,12 @@ def measure(
             ``"auto"`` (the default) picks the cheapest route the model's structure allows
             (:mod:`hessdiag.estimators.auto`) and records which one ran and why
             (``Result.estimator``, ``Result.selection``).
+        params: measure only these parameters: names, glob patterns on the dotted names of
+            ``model.named_parameters()`` (``"layer4.*"``) or ``Parameter`` objects, mixed in
+            a list (a single string is one pattern); default: every parameter with
+            ``requires_grad=True``. The others are held fixed, so the diagonal is the
+            selection's entries of the full one; P, the norms and the per-layer table refer
+            to the selection (:mod:`hessdiag.selection`).
         samples, rtol, max_samples, seed: probe budget of stochastic estimators chosen by
             name (defaults: adaptive, 0.05, 1024, 0); ``seed`` also seeds ``extras``.
         dtype: compute dtype (``"float64"`` for reference-quality numbers).
@@ -134,7 +142,7 @@ def measure(
     parse_extras(extras)  # reject a bad request before any work
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
                           batch_size=batch_size, chunk_size=chunk_size,
-                          hvp_route=hvp_route)
+                          hvp_route=hvp_route, params=params)
     with twice_differentiable():
         validate_objective(objective)
         selection = None
@@ -167,6 +175,7 @@ def measure(
         seconds=seconds,
         seed=None if chosen.exact else getattr(chosen, "seed", None),
         checkpoint=checkpoint,
+        params=objective.selection,
         keep_diagonal=keep_diagonal,
         split=split,
         extras=context,
@@ -192,7 +201,7 @@ def hessian_diagonal(
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     """diag(∇²L(θ)) as ``{parameter name: Tensor[shape]}`` in the compute dtype; keyword
-    arguments as in :func:`measure`."""
+    arguments as in :func:`measure` (``params=`` selects the tensors returned)."""
     kwargs.pop("keep_diagonal", None)  # the diagonal is what this function returns
     diagonal = measure(model, data, loss, estimator, keep_diagonal=True, **kwargs).diagonal
     assert diagonal is not None  # kept on request

@@ -68,6 +68,14 @@ def _extras(text: str) -> str:
     return text
 
 
+def _patterns(text: str) -> list[str]:
+    """``--params``: comma-separated parameter names or glob patterns."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"--params {text!r}: an empty name or pattern")
+    return items
+
+
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import estimator_names
     from .objective import HVP_ROUTES, LOSSES
@@ -84,6 +92,10 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     # those of installed packages' hessdiag.estimators entry points (loaded only if chosen).
     p.add_argument("--estimator", default="auto", choices=estimator_names(),
                    help="estimator (default: auto, the cheapest route the model's structure allows)")
+    p.add_argument("--params", metavar="PATTERN", action="append", type=_patterns,
+                   help="measure only these parameters: names or glob patterns on the dotted names of "
+                        "named_parameters(), comma-separated or repeated, e.g. 'layer4.*' "
+                        "(default: every parameter with requires_grad)")
     p.add_argument("--samples", type=_positive_int, help="fixed number of probes (stochastic estimators)")
     p.add_argument("--rtol", type=_positive_float, default=0.05,
                    help="adaptive stop: relative CI half-width (default: 0.05)")
@@ -204,6 +216,7 @@ def _measure(args: argparse.Namespace) -> int:
     with progress_bar(enabled=terminal and not args.quiet) as progress:
         result = _measure_reporting_later(
             model, data, loss=loss, estimator=args.estimator,
+            params=None if args.params is None else [p for group in args.params for p in group],
             samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
             batch_size=args.batch_size, hvp_route=args.hvp_route,

@@ -93,7 +93,8 @@ def diagonal_metadata(result: Result) -> dict[str, str]:
 
     ``format`` (``hessdiag.diagonal``), ``hessdiag_version``, ``estimator``, ``method``,
     ``loss``, ``dtype``, ``num_params``, ``num_examples``, ``normalized_norm`` and ``ci95``,
-    ``resolved``, ``seed``, ``checkpoint`` and ``names``, the tensors in ``named_parameters()`` order (a
+    ``resolved``, ``seed``, ``params`` (the selection, ``null`` for the default),
+    ``checkpoint`` and ``names``, the tensors in ``named_parameters()`` order (a
     safetensors file keeps them sorted by name); numbers, lists and ``null`` are JSON text
     (``json.loads`` reads each).
     """
@@ -110,6 +111,7 @@ def diagonal_metadata(result: Result) -> dict[str, str]:
         "ci95": list(result.ci95),
         "resolved": result.resolved,
         "seed": result.seed,
+        "params": result.params,
         "checkpoint": result.checkpoint,
         "names": None if result.diagonal is None else list(result.diagonal),
     }
