@@ -7,6 +7,9 @@ Public API (docs/index.md)::
     res.normalized_norm, res.ci95, res.per_layer, res.to_json(), res.plot()
     res.resolved                                           # False: interval too wide (and a warning)
     diag = hessdiag.hessian_diagonal(model, (x, y))        # {name: Tensor}
+    hessdiag.measure(model, (x, y), params="2.*",          # a parameter subset, an estimator object
+                     estimator=hessdiag.HutchinsonEstimator(samples=64, seed=1), keep_diagonal=True)
+    hessdiag.register_estimator("mine", MyEstimator)       # then estimator="mine", --estimator mine
     hessdiag.RCTAF(n=1, alpha=14.0).psi_max                 # 7.0
     hessdiag.psi_max(torch.nn.GELU())                       # 0.7979
 """
@@ -16,7 +19,20 @@ from .activations import RCTAF, get_activation, psi_max
 from .api import hessian_diagonal, measure
 from .compat import twice_differentiable
 from .errors import HessdiagError
-from .estimators import ESTIMATORS, EstimatorOptions, get_estimator
+from .estimators import (
+    ESTIMATORS,
+    AutoEstimator,
+    BackpackEstimator,
+    CurvpropEstimator,
+    Estimator,
+    EstimatorOptions,
+    ExactEstimator,
+    GGNHutchinsonEstimator,
+    HutchinsonEstimator,
+    PlainHutchinsonEstimator,
+    get_estimator,
+    register_estimator,
+)
 from .objective import Objective
 from .result import LayerResult, Result, UnresolvedEstimateWarning, normalized_norm
 from .validation import validate_inputs
@@ -24,7 +40,15 @@ from .validation import validate_inputs
 __all__ = [
     "ESTIMATORS",
     "RCTAF",
+    "AutoEstimator",
+    "BackpackEstimator",
+    "CurvpropEstimator",
+    "Estimator",
     "EstimatorOptions",
+    "ExactEstimator",
+    "GGNHutchinsonEstimator",
+    "HutchinsonEstimator",
+    "PlainHutchinsonEstimator",
     "HessdiagError",
     "LayerResult",
     "Objective",
@@ -37,6 +61,7 @@ __all__ = [
     "measure",
     "normalized_norm",
     "psi_max",
+    "register_estimator",
     "twice_differentiable",
     "validate_inputs",
 ]

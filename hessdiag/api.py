@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .compat import twice_differentiable
 from .errors import HessdiagError
-from .estimators import EstimatorOptions, get_estimator, select_estimator
+from .estimators import AutoEstimator, Estimator, EstimatorOptions, resolve_estimator, select_estimator
 from .estimators.curvprop import CurvpropEstimator
 from .estimators.hutchinson import ProbeEstimator
 from .extras import compute_extras, parse_extras
@@ -19,6 +20,7 @@ from .ggn import ggn_diagonal, split_diagonal
 from .objective import Objective
 from .progress import Progress, ProgressBatches
 from .result import Result, RtolBudget, UnresolvedEstimateWarning
+from .selection import ParamSpec
 from .validation import check_device, validate_objective
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -42,22 +44,24 @@ def measure(
     model: nn.Module,
     data: object,
     loss: str = "ce",
-    estimator: str = "auto",
+    estimator: str | Estimator = "auto",
     *,
+    params: ParamSpec | None = None,
     samples: int | None = None,
-    rtol: float = 0.05,
-    max_samples: int = 1024,
-    seed: int = 0,
+    rtol: float | None = None,
+    max_samples: int | None = None,
+    seed: int | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = 512,
     chunk_size: int = 32,
     hvp_route: str = "auto",
     max_params: int | None = None,
-    force: bool = False,
+    force: bool | None = None,
     checkpoint: str | None = None,
     split_ggn: bool = False,
     extras: str | Iterable[str] | None = None,
+    keep_diagonal: bool = False,
     progress: Progress | None = None,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
@@ -67,11 +71,20 @@ def measure(
             they were (the measurement runs on detached copies in eval mode).
         data: an ``(x, y)`` pair of tensors, a DataLoader, or an iterable of batches.
         loss: ``"ce"`` (cross-entropy) or ``"mse"`` (mean over batch and outputs).
-        estimator: a name from :data:`hessdiag.estimators.ESTIMATORS`; ``"auto"`` (the
-            default) picks the cheapest route the model's structure allows
+        estimator: a name from :data:`hessdiag.estimators.ESTIMATORS` (built in, or added by
+            :func:`~hessdiag.estimators.register_estimator`), or an estimator object carrying
+            its own options (``HutchinsonEstimator(samples=64)``, ``ExactEstimator(analytic=False)``).
+            ``"auto"`` (the default) picks the cheapest route the model's structure allows
             (:mod:`hessdiag.estimators.auto`) and records which one ran and why
             (``Result.estimator``, ``Result.selection``).
-        samples, rtol, max_samples, seed: probe budget of stochastic estimators.
+        params: measure only these parameters: names, glob patterns on the dotted names of
+            ``model.named_parameters()`` (``"layer4.*"``) or ``Parameter`` objects, mixed in
+            a list (a single string is one pattern); default: every parameter with
+            ``requires_grad=True``. The others are held fixed, so the diagonal is the
+            selection's entries of the full one; P, the norms and the per-layer table refer
+            to the selection (:mod:`hessdiag.selection`).
+        samples, rtol, max_samples, seed: probe budget of stochastic estimators chosen by
+            name (defaults: adaptive, 0.05, 1024, 0); ``seed`` also seeds ``extras``.
         dtype: compute dtype (``"float64"`` for reference-quality numbers).
         batch_size: batch size when ``data`` is a pair of tensors; does not change the
             result beyond float rounding.
@@ -81,7 +94,11 @@ def measure(
             for a model torch.func refuses), ``"func"`` or ``"autograd"`` (double
             backward); see :meth:`hessdiag.objective.Objective.batch_hvp`. The route that
             ran is reported in ``Result.hvp_route`` (``hvp_fallback``: why it fell back).
-        max_params, force: parameter budget of exact estimators.
+        max_params, force: parameter budget of exact estimators chosen by name.
+            With an estimator object these six options belong to its constructor: any of
+            them given here too must agree with the object's own value, and one it does not
+            take is refused (``seed`` excepted, which then seeds ``extras`` only); a
+            conflict is one :class:`~hessdiag.estimators.EstimatorError` naming them all.
         checkpoint: a label recorded in the result document.
         split_ggn: also compute the exact GGN diagonal d_GGN (BackPACK ``DiagGGNExact``
             where it can traverse the model, else torch.func; :mod:`hessdiag.ggn`) and
@@ -93,6 +110,10 @@ def measure(
             ``"trace"`` (Hutchinson trace, ``trace:K`` probes, default 100) and
             ``"top-eig"`` (top eigenvalue(s), ``top-eig:K``), as a comma-separated string
             or a sequence; reported in ``Result.extras`` (:mod:`hessdiag.extras`).
+        keep_diagonal: keep the diagonal itself in ``Result.diagonal`` (``{name: Tensor}``
+            in the compute dtype; with ``split_ggn`` also ``ggn_diagonal`` and
+            ``residual_diagonal``). Off by default, so that a result holds norms only and
+            not P numbers (36 M for a WideResNet); :func:`hessian_diagonal` turns it on.
         progress: called with the number of examples of each batch processed (over all
             data passes), e.g. a tqdm bar's ``update``.
 
@@ -113,19 +134,20 @@ def measure(
         HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
             Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
     """
-    options = EstimatorOptions(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed,
-                               max_params=max_params, force=force)
-    chosen = get_estimator(estimator, options)
+    chosen = resolve_estimator(estimator, dict(samples=samples, rtol=rtol, max_samples=max_samples,
+                                               seed=seed, max_params=max_params, force=force))
+    # The seed of extras: the one given, else the estimator's own (the same by name).
+    seed = seed if seed is not None else getattr(chosen, "seed", EstimatorOptions.seed)
     check_device(device)
     parse_extras(extras)  # reject a bad request before any work
     objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
                           batch_size=batch_size, chunk_size=chunk_size,
-                          hvp_route=hvp_route)
+                          hvp_route=hvp_route, params=params)
     with twice_differentiable():
         validate_objective(objective)
         selection = None
-        if chosen.name == "auto":
-            chosen, selection = select_estimator(objective, options)
+        if isinstance(chosen, AutoEstimator):
+            chosen, selection = select_estimator(objective, chosen)
         if progress is not None:
             objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
         start = time.perf_counter()
@@ -151,20 +173,23 @@ def measure(
         num_examples=int(objective.num_examples or 0),
         dtype=objective.dtype,
         seconds=seconds,
-        seed=None if chosen.exact else seed,
+        seed=None if chosen.exact else getattr(chosen, "seed", None),
         checkpoint=checkpoint,
+        params=objective.selection,
+        keep_diagonal=keep_diagonal,
         split=split,
         extras=context,
         selection=selection,
         hvp_route=objective.hvp_route_used,
         hvp_fallback=objective.hvp_fallback,
     )
-    probes = result.probes_for_rtol(rtol)
-    if probes is not None and isinstance(chosen, ProbeEstimator):
-        result.rtol_budget = RtolBudget(rtol, chosen.budget_for_probes(probes.probes),
-                                        probes.at_least)
-    elif probes is not None and isinstance(chosen, CurvpropEstimator):
-        result.rtol_budget = RtolBudget(rtol, probes.probes, probes.at_least, "replicates")
+    if isinstance(chosen, (ProbeEstimator, CurvpropEstimator)):
+        probes = result.probes_for_rtol(chosen.rtol)
+        if probes is not None and isinstance(chosen, ProbeEstimator):
+            result.rtol_budget = RtolBudget(chosen.rtol, chosen.budget_for_probes(probes.probes),
+                                            probes.at_least)
+        elif probes is not None:
+            result.rtol_budget = RtolBudget(chosen.rtol, probes.probes, probes.at_least, "replicates")
     message = result.resolution_warning()
     if message is not None:
         warnings.warn(message, UnresolvedEstimateWarning, stacklevel=2)
@@ -172,7 +197,12 @@ def measure(
 
 
 def hessian_diagonal(
-    model: nn.Module, data: object, loss: str = "ce", estimator: str = "auto", **kwargs: object
+    model: nn.Module, data: object, loss: str = "ce", estimator: str | Estimator = "auto",
+    **kwargs: Any,
 ) -> dict[str, Tensor]:
-    """diag(∇²L(θ)) as ``{parameter name: Tensor}``; keyword arguments as in :func:`measure`."""
-    return measure(model, data, loss, estimator, **kwargs).diagonal  # type: ignore[arg-type]
+    """diag(∇²L(θ)) as ``{parameter name: Tensor[shape]}`` in the compute dtype; keyword
+    arguments as in :func:`measure` (``params=`` selects the tensors returned)."""
+    kwargs.pop("keep_diagonal", None)  # the diagonal is what this function returns
+    diagonal = measure(model, data, loss, estimator, keep_diagonal=True, **kwargs).diagonal
+    assert diagonal is not None  # kept on request
+    return diagonal

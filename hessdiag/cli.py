@@ -68,8 +68,16 @@ def _extras(text: str) -> str:
     return text
 
 
+def _patterns(text: str) -> list[str]:
+    """``--params``: comma-separated parameter names or glob patterns."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"--params {text!r}: an empty name or pattern")
+    return items
+
+
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
-    from .estimators import ESTIMATORS
+    from .estimators import estimator_names
     from .objective import HVP_ROUTES, LOSSES
 
     p.add_argument("--data", metavar="DATA",
@@ -80,8 +88,14 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
-    p.add_argument("--estimator", default="auto", choices=sorted(ESTIMATORS),
+    # The names include estimators added with register_estimator() before main() runs, and
+    # those of installed packages' hessdiag.estimators entry points (loaded only if chosen).
+    p.add_argument("--estimator", default="auto", choices=estimator_names(),
                    help="estimator (default: auto, the cheapest route the model's structure allows)")
+    p.add_argument("--params", metavar="PATTERN", action="append", type=_patterns,
+                   help="measure only these parameters: names or glob patterns on the dotted names of "
+                        "named_parameters(), comma-separated or repeated, e.g. 'layer4.*' "
+                        "(default: every parameter with requires_grad)")
     p.add_argument("--samples", type=_positive_int, help="fixed number of probes (stochastic estimators)")
     p.add_argument("--rtol", type=_positive_float, default=0.05,
                    help="adaptive stop: relative CI half-width (default: 0.05)")
@@ -101,6 +115,8 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run the exact estimator above its budget")
     p.add_argument("--json", metavar="PATH", help="write the result document (docs/index.md) atomically")
     p.add_argument("--plot", metavar="PATH", help="write a per-layer bar chart (png/svg/pdf)")
+    p.add_argument("--save-diagonal", metavar="PATH",
+                   help="write the diagonal, one tensor per parameter, to a .safetensors file atomically")
     p.add_argument("--quiet", action="store_true", help="print only the total; no progress bar")
 
 
@@ -187,10 +203,10 @@ def _report_unresolved(result: Result) -> None:
 
 def _measure(args: argparse.Namespace) -> int:
     from .io import load_checkpoint, load_data
-    from .output import check_outputs, write_json, write_plot
+    from .output import check_outputs, write_diagonal, write_json, write_plot
     from .progress import progress_bar
 
-    check_outputs(args.json, args.plot)  # before any work: a bad path wastes no run
+    check_outputs(args.json, args.plot, args.save_diagonal)  # before any work: a bad path wastes no run
     model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
                                   trust=args.trust_checkpoint)
     spec = args.data or meta.get("data") or "digits"
@@ -199,12 +215,14 @@ def _measure(args: argparse.Namespace) -> int:
     terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     with progress_bar(enabled=terminal and not args.quiet) as progress:
         result = _measure_reporting_later(
-            model, data, loss=loss, estimator=args.estimator, samples=args.samples, rtol=args.rtol,
+            model, data, loss=loss, estimator=args.estimator,
+            params=None if args.params is None else [p for group in args.params for p in group],
+            samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
             batch_size=args.batch_size, hvp_route=args.hvp_route,
             max_params=args.max_params, force=args.force,
             checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
-            extras=args.extras, progress=progress,
+            extras=args.extras, keep_diagonal=bool(args.save_diagonal), progress=progress,
         )
     print(result.total_text() if args.quiet else result.table())
     _report_unresolved(result)
@@ -212,6 +230,8 @@ def _measure(args: argparse.Namespace) -> int:
         write_json(result, args.json)
     if args.plot:
         write_plot(result, args.plot)
+    if args.save_diagonal:
+        write_diagonal(result, args.save_diagonal)
     return EXIT_OK
 
 

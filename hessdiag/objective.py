@@ -5,9 +5,10 @@ Given a model f(·; θ), a loss ℓ and N examples, the objective is (docs/index
     L(θ) = (1/N) Σₙ ℓ(f(xₙ; θ), yₙ),
 
 evaluated with the model in ``eval()`` mode, θ = all parameters with
-``requires_grad=True`` in ``named_parameters()`` order. Data arrive in batches; each
-batch contributes its batch-mean loss weighted by ``n_b / N`` so that the result does not
-depend on the batch size beyond float rounding.
+``requires_grad=True`` in ``named_parameters()`` order, or the subset that ``params``
+selects (:mod:`hessdiag.selection`; the other parameters are held fixed). Data arrive in
+batches; each batch contributes its batch-mean loss weighted by ``n_b / N`` so that the
+result does not depend on the batch size beyond float rounding.
 
 Vectors in parameter space are dicts ``{name: Tensor}``. Stacks of K vectors carry a
 leading probe dimension: ``{name: Tensor[K, *shape]}``. :meth:`Objective.hvp` returns
@@ -32,6 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .compat import (double_backward_unsupported_reason, func_unsupported_reason, quiet_jit_deprecation,
                      twice_differentiable)
 from .errors import HessdiagError
+from .selection import ParamSpec, select_parameters
 
 LossName = Literal["ce", "mse"]
 LOSSES: tuple[str, ...] = ("ce", "mse")
@@ -170,7 +172,7 @@ class Objective:
     requested dtype/device, passed in through ``torch.func.functional_call``.
 
     Args:
-        model: any ``nn.Module``; its trainable parameters define θ.
+        model: any ``nn.Module``; its trainable parameters define θ, unless ``params`` is given.
         data: see :class:`BatchSource`.
         loss: ``"ce"`` or ``"mse"`` (docs/index.md, "What is measured").
         dtype: compute dtype (e.g. ``torch.float64``); default: the parameters' dtype.
@@ -181,6 +183,11 @@ class Objective:
             forms its products (:meth:`batch_hvp`). After the first product,
             ``hvp_route_used`` says which route ran and ``hvp_fallback`` why ``"auto"``
             left ``"func"`` (``None`` if it did not).
+        params: the parameters that form θ (names, glob patterns or ``Parameter`` objects;
+            :func:`hessdiag.selection.select_parameters`); default: those with
+            ``requires_grad=True``. The others are constants, so every estimator sees the
+            principal sub-block of the Hessian for the selection. ``selection`` records it
+            (``None`` by default).
 
     Every forward pass runs under :func:`hessdiag.compat.twice_differentiable`, so that
     Hardswish, fused attention and RNN kernels can be differentiated twice.
@@ -197,13 +204,18 @@ class Objective:
         batch_size: int | None = 256,
         chunk_size: int = 32,
         hvp_route: str = "auto",
+        params: ParamSpec | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if hvp_route not in HVP_ROUTES:
             raise ObjectiveError(
                 f"unknown HVP route {hvp_route!r}; choose one of {', '.join(HVP_ROUTES)}")
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # θ is chosen here and only here: every estimator reads it from self.params, and
+        # every other parameter joins the constants (so the model's flags are never touched).
+        names, self.selection = select_parameters(model, params)
+        every = dict(model.named_parameters())
+        trainable = [(n, every[n]) for n in names]
         if not trainable:
             raise ObjectiveError("the model has no trainable parameters")
         first = trainable[0][1]
@@ -216,7 +228,7 @@ class Objective:
         self.params: ParamDict = {
             n: p.detach().to(self.device, self.dtype).clone() for n, p in trainable
         }
-        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = {n: p for n, p in every.items() if n not in self.params}
         self.constants: ParamDict = {
             n: self._cast(t.detach()) for n, t in {**frozen, **dict(model.named_buffers())}.items()
         }

@@ -1,4 +1,4 @@
-"""Result files: the JSON document and the per-layer figure, both written atomically.
+"""Result files: the JSON document, the per-layer figure and the diagonal, written atomically.
 
 Output paths are checked *before* measuring (an unknown plot format or an unwritable
 folder fails in one line without wasting a run); files are written only after success,
@@ -9,9 +9,11 @@ replaced by a complete new one.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
+from ._version import __version__
 from .errors import HessdiagError
 from .io.files import atomic_write_bytes, atomic_write_text
 from .result import Result
@@ -46,13 +48,21 @@ def check_output_path(path: str | os.PathLike[str], flag: str) -> None:
         raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
 
 
-def check_outputs(json_path: str | None = None, plot_path: str | None = None) -> None:
+DIAGONAL_SUFFIX = ".safetensors"
+
+
+def check_outputs(json_path: str | None = None, plot_path: str | None = None,
+                  diagonal_path: str | None = None) -> None:
     """All output checks that can run before measuring."""
     if json_path:
         check_output_path(json_path, "--json")
     if plot_path:
         plot_format(plot_path)
         check_output_path(plot_path, "--plot")
+    if diagonal_path:
+        if Path(diagonal_path).suffix.lower() != DIAGONAL_SUFFIX:
+            raise OutputError(f"--save-diagonal {diagonal_path}: the file must end in {DIAGONAL_SUFFIX}")
+        check_output_path(diagonal_path, "--save-diagonal")
 
 
 def write_json(result: Result, path: str | os.PathLike[str]) -> None:
@@ -76,3 +86,63 @@ def write_plot(result: Result, path: str | os.PathLike[str]) -> None:
         atomic_write_bytes(path, buffer.getvalue())
     except OSError as err:
         raise OutputError(f"cannot write --plot {path}: {err.strerror or err}") from None
+
+
+def diagonal_metadata(result: Result) -> dict[str, str]:
+    """What a saved diagonal records besides its tensors (safetensors metadata: strings).
+
+    ``format`` (``hessdiag.diagonal``), ``hessdiag_version``, ``estimator``, ``method``,
+    ``loss``, ``dtype``, ``num_params``, ``num_examples``, ``normalized_norm`` and ``ci95``,
+    ``resolved``, ``seed``, ``params`` (the selection, ``null`` for the default),
+    ``checkpoint`` and ``names``, the tensors in ``named_parameters()`` order (a
+    safetensors file keeps them sorted by name); numbers, lists and ``null`` are JSON text
+    (``json.loads`` reads each).
+    """
+    values: dict[str, object] = {
+        "format": "hessdiag.diagonal",
+        "hessdiag_version": __version__,
+        "estimator": result.estimator,
+        "method": result.method,
+        "loss": result.loss,
+        "dtype": result.dtype,
+        "num_params": result.num_params,
+        "num_examples": result.num_examples,
+        "normalized_norm": result.normalized_norm,
+        "ci95": list(result.ci95),
+        "resolved": result.resolved,
+        "seed": result.seed,
+        "params": result.params,
+        "checkpoint": result.checkpoint,
+        "names": None if result.diagonal is None else list(result.diagonal),
+    }
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
+def diagonal_bytes(result: Result) -> bytes:
+    """The diagonal as a safetensors file: one tensor per parameter name, ``[*shape]``, in
+    the compute dtype (the precision the estimate has), on the CPU, with
+    :func:`diagonal_metadata`.
+
+    Raises:
+        OutputError: the result holds no diagonal (measured without ``keep_diagonal=True``).
+    """
+    from safetensors.torch import save
+
+    if result.diagonal is None:
+        raise OutputError("the result holds no diagonal: measure with keep_diagonal=True")
+    # One contiguous CPU copy per tensor: safetensors refuses tensors that share storage,
+    # and an estimator's blocks are often views of one flat vector.
+    tensors = {name: block.detach().to("cpu", copy=True).contiguous()
+               for name, block in result.diagonal.items()}
+    return save(tensors, metadata=diagonal_metadata(result))
+
+
+def write_diagonal(result: Result, path: str | os.PathLike[str]) -> None:
+    """The diagonal as a ``.safetensors`` file (:func:`diagonal_bytes`), atomically; read it
+    back with ``safetensors.torch.load_file(path)`` (``safe_open(path, "pt").metadata()``
+    for the metadata)."""
+    data = diagonal_bytes(result)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise OutputError(f"cannot write --save-diagonal {path}: {err.strerror or err}") from None

@@ -127,6 +127,12 @@ class Result:
     95 % interval ``sq_norm_ci95``, the same for the GGN residual (``residual_resolved``,
     ``None`` without an interval), and for stochastic runs of :func:`hessdiag.measure`
     ``rtol_budget``, the budget the observed variance implies for the requested ``rtol``.
+
+    ``params``: the parameter selection as given (patterns, names; ``None``: every
+    parameter with ``requires_grad=True``); ``num_params`` and the norms refer to it.
+    ``diagonal`` (``{name: Tensor}``, with ``split_ggn`` also ``ggn_diagonal`` and
+    ``residual_diagonal``) is kept only on request (``measure(..., keep_diagonal=True)``),
+    else ``None``; it is never part of the JSON document.
     """
 
     estimator: str
@@ -160,7 +166,8 @@ class Result:
     residual_sq_norm: float | None = None
     residual_sq_norm_ci95: tuple[float, float] | None = None
     rtol_budget: RtolBudget | None = None
-    diagonal: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    params: list[str] | None = None
+    diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
 
@@ -181,6 +188,8 @@ class Result:
         selection: str | None = None,
         hvp_route: str | None = None,
         hvp_fallback: str | None = None,
+        params: list[str] | None = None,
+        keep_diagonal: bool = False,
     ) -> Result:
         """Assemble totals and per-layer norms from an estimator's output.
 
@@ -197,6 +206,10 @@ class Result:
         ``None`` when none ran), ``hvp_fallback``: torch.func's refusal when the
         ``"auto"`` route fell back to double backward
         (:meth:`hessdiag.objective.Objective.batch_hvp`).
+
+        ``params``: the parameter selection to record; ``keep_diagonal``: keep the
+        diagonals themselves (else ``diagonal``, ``ggn_diagonal`` and ``residual_diagonal``
+        are ``None``).
         """
         diag = estimate.diagonal
         stats = estimate.norm_statistics
@@ -257,7 +270,8 @@ class Result:
             seed=seed,
             naive_normalized_norm=naive,
             checkpoint=checkpoint,
-            diagonal=diag,
+            params=None if params is None else list(params),
+            diagonal=diag if keep_diagonal else None,
             ggn_normalized_norm=None if split is None else normalized_norm(split.ggn),
             residual_normalized_norm=residual_norm,
             residual_ci95=residual_ci95,
@@ -266,8 +280,8 @@ class Result:
             selection=selection,
             hvp_route=hvp_route,
             hvp_fallback=hvp_fallback,
-            ggn_diagonal=None if split is None else split.ggn,
-            residual_diagonal=None if split is None else split.residual,
+            ggn_diagonal=None if split is None or not keep_diagonal else split.ggn,
+            residual_diagonal=None if split is None or not keep_diagonal else split.residual,
             extras=extras,
             resolved=resolved(total),
             sq_norm=total.sq_norm,
@@ -332,6 +346,7 @@ class Result:
             "hvp_route": self.hvp_route,
             "hvp_fallback": self.hvp_fallback,
             "loss": self.loss,
+            "params": None if self.params is None else list(self.params),
             "num_params": self.num_params,
             "num_examples": self.num_examples,
             "dtype": self.dtype,
@@ -404,12 +419,16 @@ class Result:
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         how = f" ({self.method})" if self.method else ""
-        extra = f"estimator={self.estimator}{how}  {self._route()}loss={self.loss}  " \
+        extra = f"estimator={self.estimator}{how}  {self._route()}{self._selection()}loss={self.loss}  " \
                 f"N={self.num_examples:,}  dtype={self.dtype}  HVPs={self.hvps:,}  {self.seconds:.2f} s"
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
         chosen = [f"chosen by auto: {self.selection}"] if self.selection else []
         return "\n".join(lines + [extra] + chosen + self._legend() + self._extras_lines())
+
+    def _selection(self) -> str:
+        """``params=layer4.*,fc.bias  `` for a parameter selection, or nothing."""
+        return "" if self.params is None else f"params={','.join(self.params)}  "
 
     def _route(self) -> str:
         """``hvp-route=func  `` (with ``(fallback)`` after a fall back), or nothing."""

@@ -45,3 +45,17 @@ def test_every_flag_is_documented_with_an_example():
                 example = re.search(rf"^\$? ?hessdiag {name} .*{re.escape(flag)}\b", text, flags=re.M)
                 continued = re.search(rf"\\\n\s+.*{re.escape(flag)}\b", text)
                 assert example or continued, f"no example using `hessdiag {name} {flag}`"
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python block, as written, from another folder (it writes layers.png)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    code = re.search(r"## Python\s+```python\n(.*?)```", readme, flags=re.S).group(1)
+    code = code.replace('"hessdiag/data/', f'"{root}/hessdiag/data/')
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    assert (tmp_path / "layers.png").stat().st_size > 0
+    assert scope["last"].num_params == 490 and scope["last"].params == ["5.*"]
+    assert scope["last"].estimator == "hutchinson" and scope["last"].samples is not None

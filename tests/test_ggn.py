@@ -77,7 +77,7 @@ def test_split_parts_match_references_on_mlp(activation, estimator, loss, tiny_c
     model = tiny_mlp(activation)
     x, y = tiny_classification
     res = hessdiag.measure(model, (x, y), loss, estimator, dtype="float64", batch_size=7,
-                           split_ggn=True)
+                           split_ggn=True, keep_diagonal=True)
     ggn = split_like(reference_ggn(model, loss, x, y).diagonal(), model)
     residual = split_like(reference_residual(model, loss, x, y).diagonal(), model)
     # exact on an MLP takes the analytic path, which computes the GGN itself; backpack's
@@ -113,7 +113,7 @@ def test_resnet_with_batchnorm_goes_through_the_converter(loss):
     model = tiny_resnet(hessdiag.RCTAF(1, 3.0))
     x, y = image_data(size=4)
     res = hessdiag.measure(model, (x, y), loss, "exact", dtype="float64", batch_size=4,
-                           split_ggn=True)
+                           split_ggn=True, keep_diagonal=True)
     assert res.ggn_method == "tape"  # the default dispatch's first choice for this structure
     objective = Objective(model, (x, y), loss, dtype=torch.float64, batch_size=4)
     converted, used = ggn_diagonal(objective, "backpack")

@@ -97,7 +97,7 @@ def test_zoo_model_measures_end_to_end(name):
     y = torch.tensor([1, 7])
     before = _snapshot(model)
 
-    result = hessdiag.measure(model, (x, y), estimator="hutchinson", samples=5)
+    result = hessdiag.measure(model, (x, y), estimator="hutchinson", samples=5, keep_diagonal=True)
 
     assert result.hvp_route == "func" and result.hvp_fallback is None  # no fallback needed
     assert all(bool(torch.isfinite(d).all()) for d in result.diagonal.values())
@@ -126,7 +126,7 @@ def test_zoo_model_under_the_default_estimator(name):
     g = torch.Generator().manual_seed(1)
     x = (torch.randint(0, VOCAB, (2, TOKENS), generator=g) if shape == "tokens"
          else torch.randn(2, *shape, generator=g))
-    result = hessdiag.measure(model, (x, torch.tensor([1, 7])), samples=5)
+    result = hessdiag.measure(model, (x, torch.tensor([1, 7])), samples=5, keep_diagonal=True)
     assert result.estimator == AUTO_CHOICE[name] and result.selection
     assert all(bool(torch.isfinite(d).all()) for d in result.diagonal.values())
     if result.estimator == "exact":

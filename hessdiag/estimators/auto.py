@@ -20,6 +20,8 @@ The chosen estimator's name and the reason are recorded in the result (``estimat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from ..analytic import supported_structure
@@ -36,23 +38,32 @@ digits data here, is cheaper than any stochastic estimate of useful precision.""
 
 def select_estimator(objective: Objective,
                      options: EstimatorOptions | None = None) -> tuple[Estimator, str]:
-    """The estimator ``auto`` runs on ``objective``, and why (one short sentence)."""
+    """The estimator ``auto`` runs on ``objective``, built from ``options``, and why (one
+    short sentence)."""
+    exact = ExactEstimator.from_options
+    hutchinson = LowRankHutchinsonEstimator.from_options
     if supported_structure(objective.model) is not None:
-        return ExactEstimator(options), "an MLP: exact analytic recursion"
+        return exact(options), "an MLP: exact analytic recursion"
     structure = objective_structure(objective)
     if structure.kind == "piecewise-linear":
-        return ExactEstimator(options), f"piecewise-linear network ({structure.reason}): exact"
+        return exact(options), f"piecewise-linear network ({structure.reason}): exact"
     if objective.num_params <= AUTO_EXACT_MAX_PARAMS:
-        return (ExactEstimator(options),
+        return (exact(options),
                 f"{objective.num_params:,} parameters ≤ {AUTO_EXACT_MAX_PARAMS:,}: exact")
     if structure.kind == "elementwise":
-        return (LowRankHutchinsonEstimator(options),
+        return (hutchinson(options),
                 f"{structure.reason}: hutchinson (curvprop applies too: --estimator curvprop)")
-    return LowRankHutchinsonEstimator(options), f"general network: {structure.reason}"
+    return hutchinson(options), f"general network: {structure.reason}"
 
 
-class AutoEstimator(Estimator):
-    """``auto``: delegates to :func:`select_estimator`'s choice (module docstring)."""
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AutoEstimator(Estimator, EstimatorOptions):
+    """``auto``: delegates to :func:`select_estimator`'s choice (module docstring).
+
+    It takes every option of :class:`~hessdiag.estimators.base.EstimatorOptions` as a
+    keyword (``AutoEstimator(samples=64, max_params=4000)``) and is one, so it hands them to
+    whichever estimator it chooses, which takes those it has a keyword for.
+    """
 
     name = "auto"
     exact = False
@@ -60,7 +71,7 @@ class AutoEstimator(Estimator):
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
     ) -> DiagonalEstimate:
-        chosen, why = select_estimator(objective, self.options)
+        chosen, why = select_estimator(objective, self)
         estimate = chosen.estimate(objective, known_ggn)
         estimate.info["selected"] = chosen.name
         estimate.info["selection"] = why

@@ -31,6 +31,7 @@ The same seed, data and batch size give bit-identical results.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -40,7 +41,7 @@ from ..curvature_tape import TapedBatch, TapeError
 from ..objective import Objective, evaluation_mode
 from ..stats import ProbeStatistics, half_width_on_norm
 from ..structure import NetworkStructure
-from .base import DiagonalEstimate, Estimator, EstimatorError, EstimatorOptions
+from .base import DiagonalEstimate, EstimatorError, StochasticEstimator
 from .structural import objective_structure
 
 ALLOCATIONS = ("proportional", "uniform")
@@ -59,48 +60,47 @@ def _rademacher_like(generator: torch.Generator, like: Tensor) -> Tensor:
     return (draw.to(like.dtype) * 2 - 1).to(like.device)
 
 
-class CurvpropEstimator(Estimator):
-    """``curvprop``: exact diag(GGN) + per-example Monte-Carlo residual; see the module docstring."""
+@dataclass(kw_only=True, eq=False)
+class CurvpropEstimator(StochasticEstimator):
+    """``curvprop``: exact diag(GGN) + per-example Monte-Carlo residual; see the module docstring.
+
+    Options: ``samples`` (a fixed number of replicates), ``rtol``, ``max_samples`` and
+    ``seed`` (:class:`~hessdiag.estimators.base.StochasticEstimator`); ``allocation``:
+    ``"proportional"`` (draws per example ∝ its curvature mass Σᵤ|cₙ,ᵤ|) or ``"uniform"``
+    (one draw per example); ``ggn``: ``"exact"`` (C passes per batch), ``"mc"`` (one pass
+    per replicate with Qξ, ξ Rademacher) or ``"auto"`` (exact up to
+    :data:`GGN_EXACT_MAX_CLASSES` outputs).
+    """
 
     name = "curvprop"
-    exact = False
 
-    def __init__(self, options: EstimatorOptions | None = None, *,
-                 allocation: str = "proportional", ggn: str = "auto") -> None:
-        """``allocation``: ``"proportional"`` (draws per example ∝ its curvature mass
-        Σᵤ|cₙ,ᵤ|) or ``"uniform"`` (one draw per example); ``ggn``: ``"exact"`` (C passes
-        per batch), ``"mc"`` (one pass per replicate with Qξ, ξ Rademacher) or ``"auto"``
-        (exact up to :data:`GGN_EXACT_MAX_CLASSES` outputs)."""
-        super().__init__(options)
-        if allocation not in ALLOCATIONS:
+    allocation: str = "proportional"
+    ggn: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ALLOCATIONS:
             raise EstimatorError(f"curvprop: allocation must be one of {', '.join(ALLOCATIONS)}")
-        if ggn not in ("auto", "exact", "mc"):
+        if self.ggn not in ("auto", "exact", "mc"):
             raise EstimatorError("curvprop: ggn must be auto, exact or mc")
-        self.allocation = allocation
-        self.ggn = ggn
+        if self.budget < 3:
+            raise EstimatorError("curvprop needs at least 3 replicates (--samples)")
 
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
     ) -> DiagonalEstimate:
-        opts = self.options
         structure = objective_structure(objective)
         if structure.kind == "general":
             raise EstimatorError(f"curvprop: {structure.reason}; use hutchinson")
-        if opts.samples is None and not 0 < opts.rtol < 1:
-            raise EstimatorError(f"rtol must lie in (0, 1), got {opts.rtol}")
-        target = opts.samples if opts.samples is not None else opts.max_samples
-        if target < 3:
-            raise EstimatorError("curvprop needs at least 3 replicates (--samples)")
         try:
-            return self._run(objective, structure, target, known_ggn)
+            return self._run(objective, structure, self.budget, known_ggn)
         except TapeError as err:
             raise EstimatorError(f"curvprop: {err}; use hutchinson") from None
 
     def _run(self, objective: Objective, structure: NetworkStructure, target: int,
              known_ggn: dict[str, Tensor] | None) -> DiagonalEstimate:
-        opts = self.options
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(opts.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         sizes = list(objective.numels.items())
         ggn: Tensor | None = None
         if known_ggn is not None:
@@ -122,7 +122,7 @@ class CurvpropEstimator(Estimator):
             if replicates is None:  # no smooth activation: the GGN diagonal is the answer
                 break
             stats.add(replicates)
-            if opts.samples is None and half_width_on_norm(stats.statistics()["total"]) <= opts.rtol:
+            if self.samples is None and half_width_on_norm(stats.statistics()["total"]) <= self.rtol:
                 break
         if ggn is None:  # Monte-Carlo GGN: every replicate estimated all of d
             ggn = torch.zeros(objective.num_params, dtype=objective.dtype, device=objective.device)

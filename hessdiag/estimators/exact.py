@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ from torch import Tensor
 from ..analytic import UnsupportedModelError, mlp_decomposition, supported_structure
 from ..curvature_tape import TapeError, tape_ggn_diagonal
 from ..objective import Objective, evaluation_mode
-from .base import DiagonalEstimate, Estimator, EstimatorError, EstimatorOptions
+from .base import DiagonalEstimate, Estimator, EstimatorError, require_positive_integers
 from .structural import objective_structure
 
 DEFAULT_MAX_PARAMS = 8_000
@@ -68,20 +69,31 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+@dataclass(kw_only=True, eq=False)
 class ExactEstimator(Estimator):
-    """``exact``: P basis-vector HVPs; exact up to float rounding (use float64)."""
+    """``exact``: the analytic MLP path, the piecewise-linear path, else P basis-vector HVPs;
+    exact up to float rounding (use float64).
+
+    Attributes (constructor keywords):
+        analytic: take the MLP fast path where it applies (``False``: never).
+        structural: take the piecewise-linear path where it applies (``False``: never;
+            basis-vector HVPs for every model when both are off).
+        max_params: the HVP path's parameter budget (``None``: :data:`DEFAULT_MAX_PARAMS`).
+        force: run the HVP path above the budget.
+        block_size: basis vectors per pass over the data (memory: block × P numbers).
+    """
 
     name = "exact"
     exact = True
-    block_size = 128
 
-    def __init__(self, options: EstimatorOptions | None = None, *, analytic: bool = True,
-                 structural: bool = True) -> None:
-        """``analytic=False`` disables the MLP fast path, ``structural=False`` the
-        piecewise-linear one (basis-vector HVPs for every model when both are off)."""
-        super().__init__(options)
-        self.analytic = analytic
-        self.structural = structural
+    analytic: bool = True
+    structural: bool = True
+    max_params: int | None = None
+    force: bool = False
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        require_positive_integers(self.name, max_params=self.max_params, block_size=self.block_size)
 
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
@@ -113,8 +125,8 @@ class ExactEstimator(Estimator):
 
     def _basis_hvps(self, objective: Objective) -> DiagonalEstimate:
         num = objective.num_params
-        budget = self.options.max_params or DEFAULT_MAX_PARAMS
-        if num > budget and not self.options.force:
+        budget = self.max_params or DEFAULT_MAX_PARAMS
+        if num > budget and not self.force:
             raise EstimatorError(self.refusal(objective, budget))
         diagonal = torch.empty(num, dtype=objective.dtype, device=objective.device)
         for start in range(0, num, self.block_size):

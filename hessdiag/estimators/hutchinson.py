@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..objective import Objective
 from ..stats import ProbeStatistics, half_width_on_norm
-from .base import DiagonalEstimate, Estimator, EstimatorError
+from .base import DiagonalEstimate, EstimatorError, StochasticEstimator
 
 MIN_ADAPTIVE_SAMPLES = 32
 """Adaptive stopping looks at the interval only from this many probes on: with fewer,
@@ -86,9 +88,12 @@ def run_probes(
     return stats.count
 
 
-class ProbeEstimator(Estimator):
+@dataclass(kw_only=True, eq=False)
+class ProbeEstimator(StochasticEstimator):
     """Shared shell: budget checks, seeding, the probe loop and the result.
 
+    Options (keywords): ``samples`` (a fixed budget of HVPs, a sketch included), ``rtol``,
+    ``max_samples`` and ``seed`` (:class:`~hessdiag.estimators.base.StochasticEstimator`).
     Subclasses implement :meth:`prepare`, which may spend HVPs on a surrogate and returns
     (exact part b as flat [P] or ``None``, probe product, HVPs spent, info).
 
@@ -98,8 +103,16 @@ class ProbeEstimator(Estimator):
     and jackknife interval (``residual_statistics``) at no extra HVP.
     """
 
-    exact = False
-    min_samples = 3
+    min_samples: ClassVar[int] = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        spent_before = self.sketch_budget(self.budget)
+        if self.budget - spent_before < self.min_samples:
+            raise EstimatorError(
+                f"{self.name}: {self.budget} HVPs leave fewer than {self.min_samples} probes "
+                f"after a sketch of {spent_before}; raise --samples/--max-samples"
+            )
 
     def prepare(
         self, objective: Objective, generator: torch.Generator, budget: int,
@@ -131,21 +144,11 @@ class ProbeEstimator(Estimator):
     def estimate(
         self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
     ) -> DiagonalEstimate:
-        opts = self.options
-        budget = opts.samples if opts.samples is not None else opts.max_samples
-        spent_before = self.sketch_budget(budget)
-        if budget - spent_before < self.min_samples:
-            raise EstimatorError(
-                f"{self.name}: {budget} HVPs leave fewer than {self.min_samples} probes "
-                f"after a sketch of {spent_before}; raise --samples/--max-samples"
-            )
-        if opts.samples is None and not 0 < opts.rtol < 1:
-            raise EstimatorError(f"rtol must lie in (0, 1), got {opts.rtol}")
-        generator = torch.Generator().manual_seed(opts.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         start = time.perf_counter()
         ggn = None if known_ggn is None else objective.flatten(
             {k: known_ggn[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
-        base, product, spent, info = self.prepare(objective, generator, budget, ggn)
+        base, product, spent, info = self.prepare(objective, generator, self.budget, ggn)
         sizes = list(objective.numels.items())
         stats = ProbeStatistics(sizes, base, device=objective.device)
         num = objective.num_params
@@ -159,8 +162,8 @@ class ProbeEstimator(Estimator):
         probe_start = time.perf_counter()
         count = run_probes(
             estimates, stats, draw,
-            samples=None if opts.samples is None else opts.samples - spent,
-            rtol=opts.rtol, max_samples=opts.max_samples - spent,
+            samples=None if self.samples is None else self.samples - spent,
+            rtol=self.rtol, max_samples=self.max_samples - spent,
             chunk_size=objective.chunk_size,
         )
         info["seconds_per_probe"] = (time.perf_counter() - probe_start) / count

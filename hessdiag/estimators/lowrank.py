@@ -14,7 +14,8 @@ statistics of :mod:`hessdiag.stats` stay unbiased with a valid interval; the pro
 variance scales with ‖R‖_F² instead of ‖H‖_F².
 
 Cost: 2k + m HVPs for m probes (every sketch HVP counts); memory 2k·P beyond the
-probe loop's.
+probe loop's. k follows the budget (:func:`sketch_rank`) unless the estimator is built
+with ``sketch_rank=k``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..objective import Objective
+from .base import require_positive_integers
 from .hutchinson import FlatProduct, ProbeEstimator, flat_product
 
 SKETCH_FRACTION = 4
@@ -67,19 +69,35 @@ def sketch_rank(budget: int) -> int:
     return max(1, min(MAX_RANK, budget // SKETCH_FRACTION))
 
 
+@dataclass(kw_only=True, eq=False)
 class LowRankHutchinsonEstimator(ProbeEstimator):
-    """``hutchinson`` (the default): exact diagonal of a rank-k sketch + Hutchinson on the rest."""
+    """``hutchinson`` (the default): exact diagonal of a rank-k sketch + Hutchinson on the rest.
+
+    Options: those of :class:`~hessdiag.estimators.hutchinson.ProbeEstimator`, and
+    ``sketch_rank``: k, fixed (its 2k HVPs come out of the budget, with no cap on k);
+    ``None`` (default): k = :func:`sketch_rank` of the budget.
+    """
 
     name = "hutchinson"
 
+    sketch_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        require_positive_integers(self.name, sketch_rank=self.sketch_rank)
+        super().__post_init__()  # checks that the sketch leaves probes in the budget
+
+    def rank(self, budget: int) -> int:
+        """k for a total budget of ``budget`` HVPs."""
+        return self.sketch_rank if self.sketch_rank is not None else sketch_rank(budget)
+
     def sketch_budget(self, budget: int) -> int:
-        return 2 * sketch_rank(budget)
+        return 2 * self.rank(budget)
 
     def prepare(
         self, objective: Objective, generator: torch.Generator, budget: int,
         known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
-        rank = sketch_rank(budget)
+        rank = self.rank(budget)
         hvp = flat_product(objective, "hvp")
         omega = torch.randn(rank, objective.num_params, generator=generator,
                             dtype=torch.float64).to(objective.device, objective.dtype)

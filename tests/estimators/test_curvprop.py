@@ -162,7 +162,7 @@ def test_piecewise_linear_net_gets_the_exact_diagonal_with_a_zero_width_interval
     model = residual_cnn(nn.ReLU, inplace_add=True)
     x, y = residual_cnn_data()
     result = hessdiag.measure(model, (x, y), estimator="curvprop", dtype="float64",
-                              batch_size=3, samples=8)
+                              batch_size=3, samples=8, keep_diagonal=True)
     objective = Objective(model, (x, y), "ce", batch_size=3)
     exact = ExactEstimator(EstimatorOptions(), analytic=False).estimate(objective).diagonal
     # Same quantity by different float64 routes (per-example squares vs. basis HVPs).

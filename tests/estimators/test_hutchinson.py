@@ -42,7 +42,8 @@ def test_exact_when_the_hessian_is_diagonal(estimator):
     x, y = torch.randn(15, 7, generator=g), torch.randn(15, 7, generator=g)
     model = SeparableNet()
     ref = reference_diagonal(model, "mse", x, y)
-    res = hessdiag.measure(model, (x, y), "mse", estimator, samples=24, dtype="float64")
+    res = hessdiag.measure(model, (x, y), "mse", estimator, samples=24, dtype="float64",
+                           keep_diagonal=True)
     # Every Rademacher probe gives z ⊙ Hz = diag H exactly (and G, H − G are diagonal
     # too), so only rounding remains.
     assert max_relative_error(res.diagonal, ref) < 1e-12
@@ -76,7 +77,7 @@ def test_unbiased_norm_and_interval_coverage(estimator, tiny_classification):
     sq, naive, covered, diags = [], [], 0, []
     for seed in range(60):
         res = hessdiag.measure(model, (x, y), "ce", estimator, samples=16, seed=seed,
-                               dtype="float64")
+                               dtype="float64", keep_diagonal=True)
         sq.append(res.norm**2)
         naive.append(res.naive_normalized_norm**2 * num_params)
         lo, hi = res.ci95
@@ -99,9 +100,9 @@ def test_chunk_and_batch_size_do_not_change_the_result(estimator, tiny_classific
     model = tiny_mlp()
     x, y = tiny_classification
     one = hessdiag.measure(model, (x, y), "ce", estimator, samples=40, dtype="float64",
-                           batch_size=7, chunk_size=3)
+                           batch_size=7, chunk_size=3, keep_diagonal=True)
     two = hessdiag.measure(model, (x, y), "ce", estimator, samples=40, dtype="float64",
-                           batch_size=20, chunk_size=32)
+                           batch_size=20, chunk_size=32, keep_diagonal=True)
     assert max_relative_error(one.diagonal, two.diagonal) < 1e-12
     assert one.normalized_norm == pytest.approx(two.normalized_norm, rel=1e-10)
     assert one.ci95 == pytest.approx(two.ci95, rel=1e-8)
