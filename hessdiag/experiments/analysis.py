@@ -248,8 +248,8 @@ def render_markdown(analyses: list[GroupAnalysis]) -> str:
         for psi in psis:
             cells = []
             for m in metrics:
-                point = next((p for p in g.curves[m] if p.psi == psi), None)
-                cells.append("—" if point is None else f"{point.mean:.4g} ± {point.std:.2g}")
+                at = next((p for p in g.curves[m] if p.psi == psi), None)
+                cells.append("—" if at is None else f"{at.mean:.4g} ± {at.std:.2g}")
             lines.append(f"| {psi:g} | " + " | ".join(cells) + " |")
         lines.append("")
         if g.window_test_p is not None:

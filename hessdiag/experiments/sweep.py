@@ -385,7 +385,10 @@ def _measured(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor],
         warnings.simplefilter("ignore", UnresolvedEstimateWarning)
         result = measure(model, data, estimator=me["estimator"], samples=me["samples"],
                          rtol=me["rtol"], max_samples=me["max_samples"], seed=me["seed"],
-                         dtype=me["dtype"], device=_model_device(model), split_ggn=True)
+                         dtype=me["dtype"], device=_model_device(model), split_ggn=True,
+                         keep_diagonal=True)
+    diagonal = result.diagonal
+    assert diagonal is not None  # kept on request
     return {
         "normalized_norm": _finite(result.normalized_norm),
         "ci95": _pair(result.ci95),
@@ -393,7 +396,7 @@ def _measured(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor],
         "ggn_normalized_norm": _finite(result.ggn_normalized_norm),
         "residual_normalized_norm": _finite(result.residual_normalized_norm),
         "residual_ci95": _pair(result.residual_ci95),
-        "invariant_normalized_norm": _finite(invariant_normalized_norm(model, result.diagonal)),
+        "invariant_normalized_norm": _finite(invariant_normalized_norm(model, diagonal)),
         "estimator": result.estimator,
         "samples": result.samples,
         "num_params": result.num_params,
