@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,32 +45,20 @@ import numpy as np
 from scipy import stats as sps
 
 from ._common import ExperimentError
-from .sweep import RESULTS, read_results, records_by_id
+from .sweep import RCT_ACTIVATION, RESULTS, read_results, record_value, records_by_id
 
 #: The ψ_max window of the paper's claims.
 CLAIM_WINDOW = (4.0, 10.0)
-_RCT = re.compile(r"rct:n=(\d+),psi=")
-
-
-def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
-    def getter(record: dict[str, Any]) -> float | None:
-        value: Any = record
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-    return getter
-
-
 #: name → (value getter, "max" or "min": which end is "best", label).
 METRICS: dict[str, tuple[Callable[[dict[str, Any]], float | None], str, str]] = {
-    "pgd_accuracy": (_path("pgd_accuracy"), "max", "PGD robust accuracy"),
-    "autoattack_accuracy": (_path("autoattack_accuracy"), "max", "AutoAttack robust accuracy"),
-    "clean_accuracy": (_path("clean_accuracy"), "max", "clean accuracy"),
-    "norm_clean": (_path("measure", "clean", "normalized_norm"), "min",
+    "pgd_accuracy": (record_value("pgd_accuracy"), "max", "PGD robust accuracy"),
+    "autoattack_accuracy": (record_value("autoattack_accuracy"), "max", "AutoAttack robust accuracy"),
+    "clean_accuracy": (record_value("clean_accuracy"), "max", "clean accuracy"),
+    "norm_clean": (record_value("measure", "clean", "normalized_norm"), "min",
                    "‖diag H‖₂/√P, clean loss"),
-    "norm_adversarial": (_path("measure", "adversarial", "normalized_norm"), "min",
+    "norm_adversarial": (record_value("measure", "adversarial", "normalized_norm"), "min",
                          "‖diag H‖₂/√P, adversarial loss"),
-    "invariant_clean": (_path("measure", "clean", "invariant_normalized_norm"), "min",
+    "invariant_clean": (record_value("measure", "clean", "invariant_normalized_norm"), "min",
                         "‖θ² ⊙ diag H‖₂/√P, clean loss"),
 }
 
@@ -164,7 +151,7 @@ def analyze_records(records: list[dict[str, Any]], *, n_boot: int = 2000, seed: 
         lambda: defaultdict(list))
     for r in records:
         c = r.get("config", {})
-        match = _RCT.match(str(c.get("activation", "")))
+        match = RCT_ACTIVATION.match(str(c.get("activation", "")))
         if match and isinstance(r.get("psi_max"), (int, float)):
             key = (str(c.get("model")), str(c.get("method")), str(c.get("data")), int(match.group(1)))
             groups[key][float(r["psi_max"])].append(r)

@@ -19,36 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from ._common import ExperimentError
-from .sweep import RESULTS, read_results, records_by_id
-
-_RCT = re.compile(r"rct:n=(\d+),psi=")
-
-
-def _get(*keys: str):
-    """A getter of the finite number at ``record[k1][k2]...`` (None if missing or not finite)."""
-    def getter(record: dict[str, Any]) -> float | None:
-        value: Any = record
-        for key in keys:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(key)
-        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-    return getter
-
+from .sweep import RCT_ACTIVATION, RESULTS, read_results, record_value, records_by_id
 
 # (panel title, y label, [(label suffix, getter, line style)], log y axis when all positive)
 PANELS = [
-    ("normalized norm, clean loss", "‖diag H‖₂/√P", [("", _get("measure", "clean", "normalized_norm"), "-")], True),
+    ("normalized norm, clean loss", "‖diag H‖₂/√P",
+     [("", record_value("measure", "clean", "normalized_norm"), "-")], True),
     ("normalized norm, adversarial loss", "‖diag H‖₂/√P",
-     [("", _get("measure", "adversarial", "normalized_norm"), "-")], True),
-    ("robust accuracy", "accuracy", [("PGD-20", _get("pgd_accuracy"), "-"),
-                                     ("AutoAttack", _get("autoattack_accuracy"), ":")], False),
-    ("clean accuracy", "accuracy", [("", _get("clean_accuracy"), "-")], False),
+     [("", record_value("measure", "adversarial", "normalized_norm"), "-")], True),
+    ("robust accuracy", "accuracy", [("PGD-20", record_value("pgd_accuracy"), "-"),
+                                     ("AutoAttack", record_value("autoattack_accuracy"), ":")], False),
+    ("clean accuracy", "accuracy", [("", record_value("clean_accuracy"), "-")], False),
     ("GGN / residual split, clean loss", "normalized norm",
-     [("GGN", _get("measure", "clean", "ggn_normalized_norm"), "-"),
-      ("residual", _get("measure", "clean", "residual_normalized_norm"), "--")], True),
+     [("GGN", record_value("measure", "clean", "ggn_normalized_norm"), "-"),
+      ("residual", record_value("measure", "clean", "residual_normalized_norm"), "--")], True),
     ("invariant measure, clean loss", "‖θ² ⊙ diag H‖₂/√P",
-     [("", _get("measure", "clean", "invariant_normalized_norm"), "-")], True),
+     [("", record_value("measure", "clean", "invariant_normalized_norm"), "-")], True),
 ]
 
 
@@ -102,7 +88,7 @@ def plot_sweep(results_dir: str | os.PathLike[str], prefix: str | os.PathLike[st
                 ax.legend(fontsize=7)
         seeds = sorted({r["config"].get("seed") for r in group})
         unplaced = sorted({r["config"].get("activation") for r in group
-                           if not _RCT.match(r["config"].get("activation", ""))
+                           if not RCT_ACTIVATION.match(r["config"].get("activation", ""))
                            and not isinstance(r.get("psi_max"), (int, float))})
         note = f" ({', '.join(unplaced)}: ψ_max = ∞, not shown)" if unplaced else ""
         fig.suptitle(f"{model}, {method}, {data}: mean ± std over seeds {seeds}{note}")
@@ -120,7 +106,7 @@ def _panel(ax: Any, group: list[dict[str, Any]], series: list[Any], log_y: bool)
     baselines: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in group:
         act = r["config"].get("activation", "")
-        match = _RCT.match(act)
+        match = RCT_ACTIVATION.match(act)
         if match and isinstance(r.get("psi_max"), (int, float)):
             rct[int(match.group(1))][float(r["psi_max"])].append(r)
         else:

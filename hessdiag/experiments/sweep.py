@@ -54,8 +54,8 @@ _TRAIN_KEYS = {"methods": ["standard"], "epochs": 20, "lr": 3e-3, "batch_size": 
                "alpha": None, "beta": 6.0, "optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9,
                "lr_schedule": "constant"}
 # Keys added after a sweep format was in use enter a run's config (and so its id) only when
-# they differ from these defaults: existing results keep their ids and are not rerun.
-_LATER_KEYS = {"training": {"lr_schedule": "constant"}}
+# they differ from their defaults above: existing results keep their ids and are not rerun.
+_LATER_TRAIN_KEYS = ("lr_schedule",)
 _EVAL_KEYS = {"pgd_steps": 20, "autoattack": False, "batch_size": 512}
 _MEASURE_KEYS = {"estimator": "auto", "max_examples": None, "samples": None, "rtol": 0.05,
                  "max_samples": 1024, "seed": 0, "dtype": None, "adversarial": True}
@@ -275,7 +275,7 @@ def expand(cfg: dict[str, Any]) -> list[Run]:
             for method in tr["methods"]:
                 for seed in sw["seeds"]:
                     training = {k: v for k, v in tr.items() if k != "methods"
-                                and _LATER_KEYS["training"].get(k, object()) != v}
+                                and not (k in _LATER_TRAIN_KEYS and v == _TRAIN_KEYS[k])}
                     config = {
                         "schema": SCHEMA_VERSION, "model": model, "model_kwargs": kwargs,
                         "activation": activation, "method": method, "seed": seed,
@@ -570,6 +570,21 @@ def run_sweep(config: str | os.PathLike[str] | dict[str, Any], out_dir: str | os
             for result in pool.imap_unordered(_worker, [(r, str(out)) for r in todo]):
                 finish(*result)
     return summary
+
+
+#: A sweep's RCT-AF activation spec, ``rct:n=N,psi=PSI``; group 1 is the order n.
+RCT_ACTIVATION = re.compile(r"rct:n=(\d+),psi=")
+
+
+def record_value(*keys: str) -> Callable[[dict[str, Any]], float | None]:
+    """A getter of the finite number at ``record[k1][k2]...`` of a results line (None if
+    missing or not finite)."""
+    def getter(record: dict[str, Any]) -> float | None:
+        value: Any = record
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return getter
 
 
 def records_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
