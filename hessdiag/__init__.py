@@ -9,6 +9,7 @@ Public API (docs/index.md)::
     diag = hessdiag.hessian_diagonal(model, (x, y))        # {name: Tensor}
     hessdiag.measure(model, (x, y), params="2.*",          # a parameter subset, an estimator object
                      estimator=hessdiag.HutchinsonEstimator(samples=64, seed=1), keep_diagonal=True)
+    hessdiag.measure(model, (x, y), loss=torch.nn.CrossEntropyLoss(label_smoothing=0.1))  # any loss
     hessdiag.register_estimator("mine", MyEstimator)       # then estimator="mine", --estimator mine
     hessdiag.RCTAF(n=1, alpha=14.0).psi_max                 # 7.0
     hessdiag.psi_max(torch.nn.GELU())                       # 0.7979
@@ -33,12 +34,14 @@ from .estimators import (
     get_estimator,
     register_estimator,
 )
+from .losses import LOSSES, Loss, resolve_loss
 from .objective import Objective
 from .result import LayerResult, Result, UnresolvedEstimateWarning, normalized_norm
 from .validation import validate_inputs
 
 __all__ = [
     "ESTIMATORS",
+    "LOSSES",
     "RCTAF",
     "AutoEstimator",
     "BackpackEstimator",
@@ -51,6 +54,7 @@ __all__ = [
     "PlainHutchinsonEstimator",
     "HessdiagError",
     "LayerResult",
+    "Loss",
     "Objective",
     "Result",
     "UnresolvedEstimateWarning",
@@ -62,6 +66,7 @@ __all__ = [
     "normalized_norm",
     "psi_max",
     "register_estimator",
+    "resolve_loss",
     "twice_differentiable",
     "validate_inputs",
 ]

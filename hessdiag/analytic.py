@@ -49,11 +49,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad
 
 from .activations import ElementwiseDerivatives, UnsupportedActivationError, activation_derivatives
 from .errors import HessdiagError
-from .objective import Objective, ParamDict, batch_mean_loss, loss_hessian_factor
+from .losses import Loss
+from .objective import Objective, ParamDict
 
 __all__ = [
     "MLPDecomposition",
@@ -212,13 +213,13 @@ def _forward(structure: MLPStructure, weights: list[Tensor], biases: list[Tensor
     raise AssertionError("unreachable")
 
 
-def _loss_terms(loss: str, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example r = ∇_f ℓ [B, C] and Q with QQᵀ = ∇²_f ℓ [B, C, C], hessdiag's loss conventions."""
+def _loss_terms(loss: Loss, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example r = ∇_f ℓ [B, C] and Q with QQᵀ = ∇²_f ℓ [B, C, R] (:mod:`hessdiag.losses`)."""
     count = output.shape[0]
     # The batch mean's gradient is r_b / B for every example b.
-    r = grad(lambda o: batch_mean_loss(loss, o, target))(output.detach()) * count
-    q = vmap(lambda o, t: loss_hessian_factor(loss, o, t))(output.detach(), target)
-    return r, q
+    with torch.enable_grad():  # callers run under no_grad; a custom loss needs autograd
+        r = grad(lambda o: loss.batch_mean(o, target))(output.detach()) * count
+    return r, loss.hessian_factors(output.detach(), target)
 
 
 def _backprop_deltas(weights: list[Tensor], fwd: _Forward, r: Tensor) -> list[Tensor]:

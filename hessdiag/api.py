@@ -17,6 +17,7 @@ from .estimators.curvprop import CurvpropEstimator
 from .estimators.hutchinson import ProbeEstimator
 from .extras import compute_extras, parse_extras
 from .ggn import ggn_diagonal, split_diagonal
+from .losses import LossSpec
 from .objective import Objective
 from .progress import Progress, ProgressBatches
 from .result import Result, RtolBudget, UnresolvedEstimateWarning
@@ -43,7 +44,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def measure(
     model: nn.Module,
     data: object,
-    loss: str = "ce",
+    loss: LossSpec = "ce",
     estimator: str | Estimator = "auto",
     *,
     params: ParamSpec | None = None,
@@ -70,7 +71,13 @@ def measure(
         model: the network; its parameters, ``.grad`` and train/eval flags are left as
             they were (the measurement runs on detached copies in eval mode).
         data: an ``(x, y)`` pair of tensors, a DataLoader, or an iterable of batches.
-        loss: ``"ce"`` (cross-entropy) or ``"mse"`` (mean over batch and outputs).
+        loss: the per-example loss ℓ, averaged over examples (:mod:`hessdiag.losses`): a
+            name — ``"ce"`` (cross-entropy), ``"nll"``, ``"bce"`` (with logits), ``"mse"``,
+            ``"huber"`` (mean over outputs for the last three) —, a torch loss module
+            (``nn.CrossEntropyLoss(label_smoothing=0.1, weight=w)``, recognized with its
+            options), a :class:`~hessdiag.losses.Loss`, or any callable
+            ``loss(output, target)`` returning the mean over the batch's examples (its
+            Hessian in the outputs then comes from autograd; it must be convex there).
         estimator: a name from :data:`hessdiag.estimators.ESTIMATORS` (built in, or added by
             :func:`~hessdiag.estimators.register_estimator`), or an estimator object carrying
             its own options (``HutchinsonEstimator(samples=64)``, ``ExactEstimator(analytic=False)``).
@@ -169,7 +176,7 @@ def measure(
     result = Result.from_estimate(
         estimate,
         estimator=chosen.name,
-        loss=loss,
+        loss=objective.loss.describe(),
         num_examples=int(objective.num_examples or 0),
         dtype=objective.dtype,
         seconds=seconds,
@@ -197,7 +204,7 @@ def measure(
 
 
 def hessian_diagonal(
-    model: nn.Module, data: object, loss: str = "ce", estimator: str | Estimator = "auto",
+    model: nn.Module, data: object, loss: LossSpec = "ce", estimator: str | Estimator = "auto",
     **kwargs: Any,
 ) -> dict[str, Tensor]:
     """diag(∇²L(θ)) as ``{parameter name: Tensor[shape]}`` in the compute dtype; keyword

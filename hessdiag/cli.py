@@ -48,6 +48,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _smoothing(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -78,7 +88,8 @@ def _patterns(text: str) -> list[str]:
 
 def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from .estimators import estimator_names
-    from .objective import HVP_ROUTES, LOSSES
+    from .losses import LOSSES
+    from .objective import HVP_ROUTES
 
     p.add_argument("--data", metavar="DATA",
                    help="digits | tensors:PATH | npz:PATH | cifar10:DIR | cifar100:DIR "
@@ -87,7 +98,11 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
                    help="split of digits/CIFAR; file specs hold one split (default: train)")
     p.add_argument("--max-examples", type=_positive_int, help="measure on the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="examples per batch (default: 512)")
-    p.add_argument("--loss", choices=LOSSES, help="loss (default: the checkpoint's, else ce)")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="loss, averaged over examples: ce, nll (log-probability outputs), bce (with logits), "
+                        "mse, huber (default: the checkpoint's, else ce)")
+    p.add_argument("--label-smoothing", type=_smoothing, metavar="EPS",
+                   help="label smoothing of the ce loss, in [0, 1) (default: 0)")
     # The names include estimators added with register_estimator() before main() runs, and
     # those of installed packages' hessdiag.estimators entry points (loaded only if chosen).
     p.add_argument("--estimator", default="auto", choices=estimator_names(),
@@ -203,6 +218,7 @@ def _report_unresolved(result: Result) -> None:
 
 def _measure(args: argparse.Namespace) -> int:
     from .io import load_checkpoint, load_data
+    from .losses import resolve_loss
     from .output import check_outputs, write_diagonal, write_json, write_plot
     from .progress import progress_bar
 
@@ -211,11 +227,13 @@ def _measure(args: argparse.Namespace) -> int:
                                   trust=args.trust_checkpoint)
     spec = args.data or meta.get("data") or "digits"
     loss = args.loss or meta.get("loss") or "ce"
+    if args.label_smoothing and loss != "ce":
+        raise HessdiagError(f"--label-smoothing applies to the ce loss, not {loss}")
     data = load_data(spec, split=args.split, max_examples=args.max_examples)
     terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     with progress_bar(enabled=terminal and not args.quiet) as progress:
         result = _measure_reporting_later(
-            model, data, loss=loss, estimator=args.estimator,
+            model, data, loss=resolve_loss(loss, label_smoothing=args.label_smoothing), estimator=args.estimator,
             params=None if args.params is None else [p for group in args.params for p in group],
             samples=args.samples, rtol=args.rtol,
             max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,

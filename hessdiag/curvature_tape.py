@@ -17,7 +17,7 @@ Parameters are not leaves of the graph: only a zero scalar added to the input is
 backward pass computes input-gradients through the network and the hooks compute the
 per-example parameter quantities; no batch-summed weight gradient is ever formed.
 
-With rₙ = ∇_f ℓₙ and Qₙ Qₙᵀ = ∇²_f ℓₙ (:func:`hessdiag.objective.loss_hessian_factor`):
+With rₙ = ∇_f ℓₙ and Qₙ Qₙᵀ = ∇²_f ℓₙ (:meth:`hessdiag.losses.Loss.hessian_factors`):
 
 - **GGN diagonal**: backward of Q[:, :, ρ] from the outputs, for each class ρ, gives
   Σₙ (Jₙᵀ qₙ,ρ)²; summed over ρ, Σₙ diag(Jₙᵀ Λₙ Jₙ) (C passes, exact). With Rademacher
@@ -37,11 +37,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from .activations import ElementwiseDerivatives
-from .objective import Objective, batch_mean_loss, evaluation_mode, loss_hessian_factor
+from .objective import Objective, evaluation_mode
 from .per_example import AffineCall, param_call_problem
 from .structure import PARAM_OPS, elementwise_activation
 
@@ -188,10 +187,9 @@ class TapedBatch:
         detached = output.detach()
         with torch.enable_grad():
             leaf = detached.clone().requires_grad_(True)
-            total = batch_mean_loss(objective.loss, leaf, y) * self.num
+            total = objective.loss.batch_mean(leaf, y) * self.num
             self.loss_grad = torch.autograd.grad(total, leaf)[0]  # rₙ = ∇_f ℓₙ, [n, C]
-        factor = vmap(lambda o, t: loss_hessian_factor(objective.loss, o, t))
-        self.factor = factor(detached, y)  # Qₙ, [n, C, C]
+        self.factor = objective.loss.hessian_factors(detached, y)  # Qₙ, [n, C, R]
 
     @property
     def sites(self) -> list[ActivationSite]:

@@ -34,7 +34,7 @@ import torch
 
 from .compat import twice_differentiable
 from .errors import HessdiagError
-from .objective import Objective, batch_mean_loss, default_dtype
+from .objective import Objective, default_dtype
 
 EXTRAS: dict[str, int] = {"trace": 100, "top-eig": 1}
 """Known extras and their default count (trace probes; number of eigenvalues)."""
@@ -101,7 +101,7 @@ def compute_extras(
     batches = [(x, y) for x, y, _ in objective.batches()]
 
     def criterion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return batch_mean_loss(objective.loss, output, target)  # the losses of docs/index.md
+        return objective.loss.batch_mean(output, target)  # the measured loss (hessdiag.losses)
 
     result: dict[str, Any] = {}
     count = 0

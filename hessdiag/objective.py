@@ -23,20 +23,17 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .compat import (double_backward_unsupported_reason, func_unsupported_reason, quiet_jit_deprecation,
                      twice_differentiable)
 from .errors import HessdiagError
+from .losses import Loss, LossSpec, resolve_loss
 from .selection import ParamSpec, select_parameters
 
-LossName = Literal["ce", "mse"]
-LOSSES: tuple[str, ...] = ("ce", "mse")
 ParamDict = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
 
@@ -51,48 +48,6 @@ HVP_ROUTES: tuple[str, ...] = ("auto", "func", "autograd")
 
 class ObjectiveError(HessdiagError):
     """The model, data or loss cannot form the objective (bad user input)."""
-
-
-def loss_target(loss: str, output: Tensor, target: Tensor) -> Tensor:
-    """The target as the loss consumes it: class indices for ``ce``; for ``mse`` a float
-    tensor shaped like ``output`` (integer labels one-hot encoded)."""
-    if loss != "mse":
-        return target
-    if not target.is_floating_point():
-        target = F.one_hot(target.long(), output.shape[-1])
-    return target.to(output.dtype).reshape(output.shape)
-
-
-def batch_mean_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
-    """Mean loss over one batch, written so torch.func transforms can differentiate it twice.
-
-    ``ce``: ``cross_entropy(reduction="mean")`` with integer class targets.
-    ``mse``: mean over batch *and* outputs of (f − y)², written out explicitly because
-    ``F.mse_loss`` fails under ``jvp(grad(·))`` (docs/index.md). Integer targets for a
-    multi-output model are one-hot encoded.
-    """
-    if loss == "ce":
-        return F.cross_entropy(output, target)
-    if loss == "mse":
-        return ((output - loss_target(loss, output, target)) ** 2).mean()
-    raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-
-
-def loss_hessian_factor(loss: str, output: Tensor, target: Tensor) -> Tensor:
-    """Q with Q Qᵀ = ∇²_f ℓ(f, y) for ONE example's output f ∈ R^C; shape [C, C].
-
-    ``ce``: Λ = diag(p) − p pᵀ with p = softmax(f); Q = diag(√p) − p √pᵀ.
-    ``mse`` (mean over the C outputs): Λ = (2/C) I; Q = √(2/C) I.
-    The generalized Gauss–Newton matrix of the mean loss is (1/N) Σₙ Jₙᵀ Qₙ Qₙᵀ Jₙ.
-    """
-    num = output.shape[-1]
-    if loss == "ce":
-        p = torch.softmax(output, -1)
-        root = p.sqrt()
-        return torch.diag(root) - p.unsqueeze(-1) * root.unsqueeze(-2)
-    if loss == "mse":
-        return torch.eye(num, dtype=output.dtype, device=output.device) * math.sqrt(2.0 / num)
-    raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 
 
 @contextlib.contextmanager
@@ -174,7 +129,10 @@ class Objective:
     Args:
         model: any ``nn.Module``; its trainable parameters define θ, unless ``params`` is given.
         data: see :class:`BatchSource`.
-        loss: ``"ce"`` or ``"mse"`` (docs/index.md, "What is measured").
+        loss: a name of :data:`~hessdiag.losses.LOSSES`, a :class:`~hessdiag.losses.Loss`, a
+            torch loss module or a callable ``loss(output, target)`` returning the batch mean
+            (:func:`hessdiag.losses.resolve_loss`). A class-weighted loss is adjusted here to
+            the labels of all the data (one pass over them), so that L is torch's weighted mean.
         dtype: compute dtype (e.g. ``torch.float64``); default: the parameters' dtype.
         device: compute device; default: the parameters' device.
         batch_size: batch size used when ``data`` is an ``(x, y)`` pair.
@@ -197,7 +155,7 @@ class Objective:
         self,
         model: nn.Module,
         data: object,
-        loss: str = "ce",
+        loss: LossSpec = "ce",
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -206,8 +164,6 @@ class Objective:
         hvp_route: str = "auto",
         params: ParamSpec | None = None,
     ) -> None:
-        if loss not in LOSSES:
-            raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         if hvp_route not in HVP_ROUTES:
             raise ObjectiveError(
                 f"unknown HVP route {hvp_route!r}; choose one of {', '.join(HVP_ROUTES)}")
@@ -222,9 +178,10 @@ class Objective:
         self.dtype = dtype or first.dtype
         self.device = torch.device(device) if device is not None else first.device
         self.model = model
-        self.loss = loss
         self.chunk_size = max(1, int(chunk_size))
         self.data = BatchSource(data, batch_size)
+        # A lazy generator: only a class-weighted loss consumes it (one pass over the labels).
+        self.loss: Loss = resolve_loss(loss).prepared(y for _, y in self.data)
         self.params: ParamDict = {
             n: p.detach().to(self.device, self.dtype).clone() for n, p in trainable
         }
@@ -286,7 +243,7 @@ class Objective:
 
     def batch_loss(self, params: ParamDict, x: Tensor, y: Tensor) -> Tensor:
         """Batch-mean loss ℓ̄_b(params); a scalar."""
-        return batch_mean_loss(self.loss, self.forward(params, x), y)
+        return self.loss.batch_mean(self.forward(params, x), y)
 
     def loss_value(self) -> float:
         """L(θ) over all measured data."""
@@ -435,7 +392,7 @@ class Objective:
 
     def _batch_ggn_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
         output, pullback = vjp(lambda p: self.forward(p, x), self.params)  # type: ignore[misc]  # 2 without aux
-        loss_grad = grad(lambda o: batch_mean_loss(self.loss, o, y))
+        loss_grad = grad(lambda o: self.loss.batch_mean(o, y))
 
         def single(v: ParamDict) -> ParamDict:
             jv = jvp(lambda p: self.forward(p, x), (self.params,), (v,))[1]
@@ -458,7 +415,7 @@ class Objective:
         with torch.no_grad():
             output = self.forward(self.params, x)
         # ∇_f of the batch-mean loss: one per batch, shared by all probes of the chunk.
-        weights = grad(lambda o: batch_mean_loss(self.loss, o, y))(output).detach()
+        weights = grad(lambda o: self.loss.batch_mean(o, y))(output).detach()
         gradient = grad(lambda p: (self.forward(p, x) * weights).sum())
 
         def single(v: ParamDict) -> ParamDict:
@@ -478,17 +435,21 @@ class Objective:
             examples_per_chunk = max(1, min(64, GGN_MEMORY_NUMBERS // self.num_params))
         total = {n: torch.zeros_like(p) for n, p in self.params.items()}
 
-        def per_example(xi: Tensor, yi: Tensor) -> ParamDict:
+        def per_example(xi: Tensor, factor: Tensor) -> ParamDict:
             out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)  # type: ignore[misc]
-            factor = loss_hessian_factor(self.loss, out.detach(), yi)
-            columns = vmap(pullback)(factor.transpose(0, 1).contiguous())[0]
+            cotangents = factor.transpose(0, 1).reshape(factor.shape[1], *out.shape)
+            columns = vmap(pullback)(cotangents)[0]
             return {k: c.pow(2).sum(0) for k, c in columns.items()}
 
         with evaluation_mode(self.model):
             for x, y, _ in self.batches():
                 for start in range(0, x.shape[0], examples_per_chunk):
-                    part = vmap(per_example)(x[start : start + examples_per_chunk],
-                                             y[start : start + examples_per_chunk])
+                    xs, ys = x[start : start + examples_per_chunk], y[start : start + examples_per_chunk]
+                    # The loss factors are formed per chunk outside vmap: a custom loss's
+                    # autograd Hessian need not be vmappable.
+                    with torch.no_grad():
+                        factors = self.loss.hessian_factors(self.forward(self.params, xs), ys)
+                    part = vmap(per_example)(xs, factors)
                     for k in total:
                         total[k].add_(part[k].sum(0))
         assert self.num_examples is not None  # counted by the pass above

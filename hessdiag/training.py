@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .objective import batch_mean_loss
+from .losses import LossSpec, resolve_loss
 
 
 def train_classifier(
@@ -13,7 +13,7 @@ def train_classifier(
     x: Tensor,
     y: Tensor,
     *,
-    loss: str = "ce",
+    loss: LossSpec = "ce",
     epochs: int = 30,
     batch_size: int = 64,
     lr: float = 3e-3,
@@ -23,6 +23,7 @@ def train_classifier(
 
     Deterministic for a given seed, torch version and thread count.
     """
+    criterion = resolve_loss(loss)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -33,7 +34,7 @@ def train_classifier(
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            value = batch_mean_loss(loss, model(x[idx]), y[idx])
+            value = criterion.batch_mean(model(x[idx]), y[idx])
             value.backward()
             optimizer.step()
             total += float(value.detach()) * len(idx)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import HessdiagError, first_line
-from .objective import Objective, batch_mean_loss, evaluation_mode
+from .losses import Loss, LossSpec
+from .objective import Objective, evaluation_mode
 
 
 class InputError(HessdiagError):
@@ -48,11 +49,10 @@ def check_finite_parameters(named: dict[str, Tensor]) -> None:
             raise InputError(f"non-finite values (NaN or Inf) in the model's {name}")
 
 
-def _check_targets(loss: str, y: Tensor, output: Tensor, batch: int) -> None:
+def _check_targets(loss: Loss, y: Tensor, output: Tensor, batch: int) -> None:
     """Labels/targets of one batch against the first batch's output shape."""
     where = f"batch {batch}: " if batch > 1 else ""
     classes = output.shape[1] if output.dim() == 2 else None
-    per_example = output[0].numel()
     if not isinstance(y, Tensor):
         raise InputError(f"{where}labels must be a tensor, got {type(y).__name__}")
     if y.is_complex():
@@ -60,16 +60,11 @@ def _check_targets(loss: str, y: Tensor, output: Tensor, batch: int) -> None:
     if y.is_floating_point():
         if not bool(torch.isfinite(y).all()):
             raise InputError(f"{where}the targets contain NaN or Inf")
-        if loss == "ce" and tuple(y.shape[1:]) != tuple(output.shape[1:]):
-            raise InputError(
-                f"{where}ce needs integer class labels of shape (batch,) or class probabilities shaped "
-                f"like the output {tuple(output.shape[1:])}; got float targets of shape {tuple(y.shape)}"
-            )
-        if loss == "mse" and y.shape[0] and y[0].numel() != per_example:
-            raise InputError(
-                f"{where}mse needs one target per model output ({per_example} per example); "
-                f"got targets of shape {tuple(y.shape)}"
-            )
+        reason = loss.float_target_reason(output, y)
+        if reason is not None:
+            raise InputError(f"{where}{reason}")
+        return
+    if not loss.indexes_classes(output):
         return
     # integer (or bool) class labels
     if y.dtype != torch.int64:
@@ -124,26 +119,30 @@ def _first_forward(objective: Objective, x: Tensor, y: Tensor) -> Tensor:
     if output.dim() == 0 or output.shape[0] != x.shape[0]:
         raise InputError(f"the model maps {described} to an output of shape {tuple(output.shape)}, "
                          "not one row per example")
-    if objective.loss == "ce" and output.dim() != 2:
-        raise InputError(f"ce needs (batch, classes) logits; the model returns shape {tuple(output.shape)}")
+    if objective.loss.name in ("ce", "nll") and output.dim() != 2:
+        raise InputError(f"{objective.loss.name} needs (batch, classes) outputs; "
+                         f"the model returns shape {tuple(output.shape)}")
     if not bool(torch.isfinite(output).all()):
         raise InputError("the model's output on the first batch contains NaN or Inf")
     _check_targets(objective.loss, y, output, 1)
     try:
         with torch.no_grad():
-            value = batch_mean_loss(objective.loss, output, y)
+            value = objective.loss.batch_mean(output, y)
+        reason = objective.loss.check(output, y)
     except Exception as err:  # noqa: BLE001 - a loss/target mismatch is bad input
-        raise InputError(f"the {objective.loss} loss cannot use these targets: "
+        raise InputError(f"the {objective.loss.describe()} loss cannot use these targets: "
                          f"{first_line(err, with_type=True)}") from None
+    if reason is not None:
+        raise InputError(reason)
     if not bool(torch.isfinite(value)):
-        raise InputError(f"the {objective.loss} loss on the first batch is not finite")
+        raise InputError(f"the {objective.loss.describe()} loss on the first batch is not finite")
     return output
 
 
 def validate_inputs(
     model: nn.Module,
     data: object,
-    loss: str = "ce",
+    loss: LossSpec = "ce",
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,

@@ -15,7 +15,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
-def full_data_loss(model: nn.Module, loss: str, x: Tensor, y: Tensor):
+def torch_loss(loss, out: Tensor, y: Tensor) -> Tensor:
+    """The mean loss of all outputs ``out`` with torch's own functions: ``"ce"``, ``"mse"``
+    (integer labels one-hot), or a torch loss module / callable applied as it is."""
+    if callable(loss):
+        return loss(out, y)
+    if loss == "ce":
+        return F.cross_entropy(out, y)
+    target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
+    return F.mse_loss(out, target.double().reshape(out.shape))
+
+
+def full_data_loss(model: nn.Module, loss, x: Tensor, y: Tensor):
     """θ_flat ↦ mean loss over all of (x, y), model in eval mode, float64."""
     net = copy.deepcopy(model).double().eval()
     names = [n for n, p in net.named_parameters() if p.requires_grad]
@@ -25,11 +36,7 @@ def full_data_loss(model: nn.Module, loss: str, x: Tensor, y: Tensor):
 
     def f(theta: Tensor) -> Tensor:
         params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        out = functional_call(net, params, (x,))
-        if loss == "ce":
-            return F.cross_entropy(out, y)
-        target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
-        return F.mse_loss(out, target.double().reshape(out.shape))
+        return torch_loss(loss, functional_call(net, params, (x,)), y)
 
     theta0 = torch.cat([p.detach().double().reshape(-1) for n, p in net.named_parameters()
                         if p.requires_grad])
@@ -84,11 +91,7 @@ def reference_ggn(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
     out = outputs(theta0).detach()
 
     def loss_of_output(o: Tensor) -> Tensor:
-        o = o.reshape(out.shape)
-        if loss == "ce":
-            return F.cross_entropy(o, y)
-        target = y if y.is_floating_point() else F.one_hot(y, o.shape[-1])
-        return F.mse_loss(o, target.double().reshape(o.shape))
+        return torch_loss(loss, o.reshape(out.shape), y)
 
     jac = torch.autograd.functional.jacobian(outputs, theta0).reshape(out.numel(), -1)
     lam = torch.autograd.functional.hessian(loss_of_output, out.reshape(-1))
@@ -114,11 +117,7 @@ def reference_residual(model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Ten
     outputs = outputs_of_flat_parameters(model, x, names, shapes)
 
     out = outputs(theta0).detach().requires_grad_(True)
-    if loss == "ce":
-        value = F.cross_entropy(out, y)
-    else:
-        target = y if y.is_floating_point() else F.one_hot(y, out.shape[-1])
-        value = F.mse_loss(out, target.double().reshape(out.shape))
+    value = torch_loss(loss, out, y)
     (residual_weights,) = torch.autograd.grad(value, out)
     return torch.autograd.functional.hessian(
         lambda theta: (residual_weights * outputs(theta)).sum(), theta0

@@ -161,7 +161,9 @@ def test_bad_data_for_the_model(tmp_path, capsys, kwargs, data, message):
     "extra, message",
     [
         (["--estimator", "magic"], "invalid choice: 'magic'"),
-        (["--loss", "nll"], "invalid choice: 'nll'"),
+        (["--loss", "hinge"], "invalid choice: 'hinge'"),
+        (["--label-smoothing", "1.5"], "expected a number in [0, 1)"),
+        (["--loss", "mse", "--label-smoothing", "0.1"], "--label-smoothing applies to the ce loss"),
         (["--data", "mnist"], "unknown data spec 'mnist'"),
         (["--data", "npz:/no/such.npz"], "data file not found"),
         (["--data", "cifar100:/no/such/dir"], "CIFAR folder not found"),

@@ -49,7 +49,7 @@ def test_empty_data_and_bad_loss_are_user_errors():
     model = mlp(in_features=2, hidden=(2,), num_classes=2)
     with pytest.raises(ObjectiveError, match="empty"):
         Objective(model, (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
-    with pytest.raises(ObjectiveError, match="unknown loss"):
+    with pytest.raises(HessdiagError, match="unknown loss"):
         Objective(model, (torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)), loss="hinge")
 
 

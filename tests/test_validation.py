@@ -87,8 +87,8 @@ def test_empty_data_and_unknown_names(tiny_classification):
         hessdiag.measure(_model(), (x[:0], y[:0]))
     with pytest.raises(hessdiag.HessdiagError, match="empty"):
         hessdiag.measure(_model(), [])
-    with pytest.raises(hessdiag.HessdiagError, match="unknown loss 'nll'"):
-        hessdiag.measure(_model(), (x, y), loss="nll")
+    with pytest.raises(hessdiag.HessdiagError, match="unknown loss 'hinge'"):
+        hessdiag.measure(_model(), (x, y), loss="hinge")
     with pytest.raises(hessdiag.HessdiagError, match="unknown estimator 'magic'"):
         hessdiag.measure(_model(), (x, y), estimator="magic")
 

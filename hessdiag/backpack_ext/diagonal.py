@@ -35,7 +35,8 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from ..compat import twice_differentiable
 from ..errors import first_line
 from ..estimators.base import EstimatorError
-from ..objective import Objective, ParamDict, default_dtype, loss_target
+from ..losses import Loss
+from ..objective import Objective, ParamDict, default_dtype
 from .extensions import SMOOTH_ACTIVATIONS, diag_ggn_exact, diag_hessian
 
 Quantity = Literal["hessian", "ggn"]
@@ -118,8 +119,14 @@ def _convert(net: nn.Module, original: nn.Module, quantity: str) -> nn.Module:
         ) from None
 
 
-def _loss_module(loss: str) -> nn.Module:
-    return extend(nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss())
+def _loss_module(loss: Loss, quantity: Quantity) -> nn.Module:
+    """The extended torch loss module for ``loss``; BackPACK knows plain ce and mse only."""
+    module = loss.backpack_module()
+    if module is None:
+        raise BackpackUnsupportedError(
+            f"backpack: BackPACK has no extension for the {loss.describe()} loss (only plain ce and mse); "
+            f"{_suggestion(quantity)}")
+    return extend(module)
 
 
 def backpack_diagonal(
@@ -135,6 +142,7 @@ def backpack_diagonal(
         BackpackUnsupportedError: the model cannot be traversed (message names the module).
     """
     factory, savefield, ext_name = _EXTENSIONS[quantity]
+    lossfunc = _loss_module(objective.loss, quantity)  # refuse before any work
     net = objective.model_copy()  # never extend the user's model
     names = {id(p): n for n, p in net.named_parameters() if p.requires_grad}
     if use_converter:
@@ -150,7 +158,6 @@ def backpack_diagonal(
             f"backpack: the graph converter changed the parameters of {type(objective.model).__name__}; "
             f"{_suggestion(quantity)}"
         )
-    lossfunc = _loss_module(objective.loss)
     total = {n: torch.zeros_like(objective.params[n]) for n in names.values()}
     for x, y, n_b in objective.batches():
         with torch.enable_grad(), twice_differentiable():  # measure() may run under no_grad()
@@ -160,7 +167,7 @@ def backpack_diagonal(
                 f"backpack: BackPACK's losses need [batch, classes] outputs, got shape "
                 f"{tuple(output.shape)}; {_suggestion(quantity)}")
         with torch.enable_grad():
-            loss = lossfunc(output, loss_target(objective.loss, output, y))
+            loss = lossfunc(output, objective.loss.target(output, y))
         try:
             with backpack(factory()), default_dtype(objective.dtype), torch.enable_grad(), \
                     warnings.catch_warnings():
