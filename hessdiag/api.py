@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .assembly import assemble_result, probes_for_rtol
 from .compat import twice_differentiable
 from .errors import HessdiagError
 from .estimators import AutoEstimator, Estimator, EstimatorOptions, resolve_estimator, select_estimator
@@ -173,7 +174,7 @@ def measure(
         split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None
         context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
         seconds = time.perf_counter() - start
-    result = Result.from_estimate(
+    result = assemble_result(
         estimate,
         estimator=chosen.name,
         loss=objective.loss.describe(),
@@ -191,7 +192,7 @@ def measure(
         hvp_fallback=objective.hvp_fallback,
     )
     if isinstance(chosen, (ProbeEstimator, CurvpropEstimator)):
-        probes = result.probes_for_rtol(chosen.rtol)
+        probes = probes_for_rtol(result, chosen.rtol)
         if probes is not None and isinstance(chosen, ProbeEstimator):
             result.rtol_budget = RtolBudget(chosen.rtol, chosen.budget_for_probes(probes.probes),
                                             probes.at_least)

@@ -28,23 +28,15 @@ estimator's ``residual_statistics`` (unbiased, with an interval, same probes), f
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from .compat import func_unsupported_reason
 from .errors import HessdiagError
 from .objective import Objective, ParamDict
+from .types import GGNSplit
 
 GGNMethod = Literal["auto", "tape", "backpack", "func"]
 GGN_METHODS: tuple[str, ...] = ("auto", "tape", "backpack", "func")
-
-
-class GGNSplit(NamedTuple):
-    """d = ggn + residual, each ``{name: Tensor}``; ``method`` names how ggn was computed
-    (``"backpack"``, ``"backpack-converter"`` or ``"func"``)."""
-
-    ggn: ParamDict
-    residual: ParamDict
-    method: str
 
 
 def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[ParamDict, str]:

@@ -33,8 +33,8 @@ from .compat import (double_backward_unsupported_reason, func_unsupported_reason
 from .errors import HessdiagError
 from .losses import Loss, LossSpec, resolve_loss
 from .selection import ParamSpec, select_parameters
+from .types import ParamDict
 
-ParamDict = dict[str, Tensor]
 Batch = tuple[Tensor, Tensor]
 
 

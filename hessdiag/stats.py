@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .estimators.base import NormStatistics
+from .types import NormStatistics
 
 RESOLVED_HALF_WIDTH = 0.5
 """An estimate whose 95 % half-width on the norm scale exceeds this fraction of it is unresolved."""

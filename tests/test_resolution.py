@@ -17,7 +17,9 @@ import torch
 import hessdiag
 from hessdiag.cli import main
 from hessdiag.estimators import DiagonalEstimate, NormStatistics, get_estimator
-from hessdiag.result import Result, UnresolvedEstimateWarning
+from hessdiag.assembly import assemble_result
+from hessdiag.assembly import probes_for_rtol as probes_for_rtol_of
+from hessdiag.result import UnresolvedEstimateWarning
 from hessdiag.stats import MAX_PROBES, ProbeBudget, is_resolved, probes_for_rtol
 
 from .models import tiny_cnn, image_data, tiny_mlp, write_digits_checkpoint
@@ -80,8 +82,8 @@ DIAG = {"a.weight": torch.tensor([[3.0, -4.0]]), "a.bias": torch.tensor([0.0, 0.
 
 
 def make(estimate):
-    return Result.from_estimate(estimate, estimator="x", loss="ce", num_examples=9,
-                                dtype=torch.float64, seconds=0.5)
+    return assemble_result(estimate, estimator="x", loss="ce", num_examples=9,
+                           dtype=torch.float64, seconds=0.5)
 
 
 def value_column(table: str) -> dict[str, str]:
@@ -127,7 +129,7 @@ def test_exact_results_are_resolved_even_where_the_diagonal_is_zero():
     res = make(DiagonalEstimate(diagonal=DIAG, hvps=5))
     assert res.resolved and all(layer.resolved for layer in res.per_layer)
     assert res.sq_norm == pytest.approx(25.0) and res.sq_norm_ci95 == (res.sq_norm, res.sq_norm)
-    assert res.probes_for_rtol(0.05) is None and res.resolution_warning() is None
+    assert probes_for_rtol_of(res, 0.05) is None and res.resolution_warning() is None
     assert "<" not in res.table()
 
 
@@ -189,7 +191,7 @@ def test_json_round_trip_keeps_the_numbers_and_the_flags(tiny_classification, tm
     assert doc["rtol_budget"] == {"rtol": 0.05, "samples": res.rtol_budget.samples, "unit": "HVPs",
                                   "at_least": res.rtol_budget.at_least}
     # hutchinson: the budget includes the sketch, 2·min(32, budget // 4) HVPs.
-    probes = res.probes_for_rtol(0.05).probes
+    probes = probes_for_rtol_of(res, 0.05).probes
     assert res.rtol_budget.samples == get_estimator("hutchinson").budget_for_probes(probes) > probes
     for entry, layer in zip(doc["per_layer"], res.per_layer):
         assert entry["resolved"] == layer.resolved and entry["sq_norm"] == layer.sq_norm

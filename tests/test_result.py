@@ -6,15 +6,17 @@ import math
 import pytest
 import torch
 
-from hessdiag.estimators import DiagonalEstimate, NormStatistics
-from hessdiag.result import Result, normalized_norm
+from hessdiag.assembly import assemble_result
+from hessdiag.report import figure, split_shares
+from hessdiag.result import normalized_norm
+from hessdiag.types import DiagonalEstimate, GGNSplit, NormStatistics
 
 DIAG = {"a.weight": torch.tensor([[3.0, -4.0]]), "a.bias": torch.tensor([0.0, 0.0, 0.0])}
 
 
 def make(estimate):
-    return Result.from_estimate(estimate, estimator="x", loss="ce", num_examples=9,
-                                dtype=torch.float64, seconds=0.5)
+    return assemble_result(estimate, estimator="x", loss="ce", num_examples=9,
+                           dtype=torch.float64, seconds=0.5)
 
 
 def test_exact_norms_follow_from_the_diagonal():
@@ -44,6 +46,44 @@ def test_json_table_html_and_plot(tmp_path):
     for ext in ("png", "svg", "pdf"):
         res.plot(tmp_path / f"p.{ext}")
         assert (tmp_path / f"p.{ext}").stat().st_size > 500
+
+
+def test_the_chart_stacks_the_ggn_and_residual_shares_of_each_bar():
+    """With a split each bar is the layer's norm, divided in proportion to ‖d_GGN‖² and ‖d_res‖²."""
+    ggn = {"a.weight": torch.tensor([[1.0, 0.0]]), "a.bias": torch.tensor([0.0, 0.0, 0.0])}
+    residual = {name: DIAG[name] - ggn[name] for name in DIAG}
+    res = assemble_result(DiagonalEstimate(diagonal=DIAG, hvps=5), estimator="x", loss="ce", num_examples=9,
+                          dtype=torch.float64, seconds=0.5, split=GGNSplit(ggn, residual, "func"))
+    weight = res.per_layer[0]
+    low, high = split_shares(weight)
+    assert low + high == pytest.approx(weight.normalized_norm)
+    assert low / high == pytest.approx(1.0 / (2.0 ** 2 + 4.0 ** 2))  # ‖d_GGN‖² = 1, ‖d_res‖² = 20
+    ax = figure(res).axes[0]
+    lower, upper = ax.containers[0], ax.containers[-1]  # the GGN bars, then the residual bars on top
+    assert [bar.get_height() for bar in lower][0] == pytest.approx(low)
+    assert [bar.get_y() for bar in upper][0] == pytest.approx(low)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any("GGN share" in label for label in labels) and any("residual share" in label for label in labels)
+    unsplit = figure(make(DiagonalEstimate(diagonal=DIAG, hvps=5))).axes[0]
+    assert [bar.get_height() for bar in unsplit.containers[-1]] == pytest.approx(
+        [layer.normalized_norm for layer in make(DiagonalEstimate(diagonal=DIAG, hvps=5)).per_layer])
+
+
+def test_results_and_estimates_are_plain_data_apart_from_the_machinery():
+    """types and result import nothing of the estimators or the objective (result only the
+    renderer, for its shortcut methods); neither do report and assembly."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "hessdiag"
+    allowed = {"types.py": set(), "result.py": {"_version", "report"}, "report.py": {"result", "stats"},
+               "assembly.py": {"result", "stats", "types"}}
+    for module, own in allowed.items():
+        imported = set()
+        for node in ast.walk(ast.parse((package / module).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: hessdiag's own
+                imported.add((node.module or "").split(".")[0] or next(a.name for a in node.names))
+        assert imported <= own, (module, imported - own)
 
 
 def test_method_from_the_estimator_reaches_json_and_table():

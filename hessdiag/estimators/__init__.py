@@ -11,15 +11,8 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from ..errors import first_line
-from .base import (
-    OPTION_NAMES,
-    DiagonalEstimate,
-    Estimator,
-    EstimatorError,
-    EstimatorOptions,
-    NormStatistics,
-    StochasticEstimator,
-)
+from ..types import DiagonalEstimate, NormStatistics
+from .base import OPTION_NAMES, Estimator, EstimatorError, EstimatorOptions, StochasticEstimator
 from .auto import AutoEstimator, select_estimator
 from .backpack import BackpackEstimator
 from .curvprop import CurvpropEstimator

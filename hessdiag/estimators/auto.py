@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ..analytic import supported_structure
 from ..objective import Objective
-from .base import DiagonalEstimate, Estimator, EstimatorOptions
+from ..types import DiagonalEstimate
+from .base import Estimator, EstimatorOptions
 from .exact import ExactEstimator
 from .lowrank import LowRankHutchinsonEstimator
 from .structural import objective_structure

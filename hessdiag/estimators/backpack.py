@@ -16,7 +16,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..objective import Objective
-from .base import DiagonalEstimate, Estimator
+from ..types import DiagonalEstimate
+from .base import Estimator
 
 
 class BackpackEstimator(Estimator):

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import inspect
 from abc import ABCMeta, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 from ..errors import HessdiagError
 from ..objective import Objective
+from ..types import DiagonalEstimate
 
 
 class EstimatorError(HessdiagError):
@@ -64,41 +65,6 @@ def require_positive_integers(estimator: str, **values: object) -> None:
     for label, value in values.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise EstimatorError(f"{estimator}: {label} must be a positive integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class NormStatistics:
-    """Estimate of a block's squared norm ‖d_block‖² with a 95 % interval on it.
-
-    ``naive_sq_norm`` is ‖mean of probe estimates‖², reported for reference only.
-    """
-
-    sq_norm: float
-    ci95: tuple[float, float]
-    naive_sq_norm: float | None = None
-
-
-@dataclass
-class DiagonalEstimate:
-    """What an estimator returns.
-
-    Attributes:
-        diagonal: point estimate of d, ``{name: Tensor[shape]}``.
-        hvps: Hessian-vector products spent (one HVP = one vector through all data).
-        samples: probes used by a stochastic estimator (``None`` for exact ones).
-        norm_statistics: per block name and ``"total"``; ``None`` for exact estimators,
-            whose norms follow from ``diagonal`` with a zero-width interval.
-        residual_statistics: like ``norm_statistics`` for the residual d − diag(GGN),
-            from the same probes; only when a stochastic estimator was given
-            ``known_ggn`` (``None`` otherwise: exact residuals need no statistics).
-    """
-
-    diagonal: dict[str, Tensor]
-    hvps: int
-    samples: int | None = None
-    norm_statistics: dict[str, NormStatistics] | None = None
-    residual_statistics: dict[str, NormStatistics] | None = None
-    info: dict[str, object] = field(default_factory=dict)
 
 
 class _EstimatorType(ABCMeta):

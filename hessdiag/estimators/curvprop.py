@@ -41,7 +41,8 @@ from ..curvature_tape import TapedBatch, TapeError
 from ..objective import Objective, evaluation_mode
 from ..stats import ProbeStatistics, half_width_on_norm
 from ..structure import NetworkStructure
-from .base import DiagonalEstimate, EstimatorError, StochasticEstimator
+from ..types import DiagonalEstimate
+from .base import EstimatorError, StochasticEstimator
 from .structural import objective_structure
 
 ALLOCATIONS = ("proportional", "uniform")

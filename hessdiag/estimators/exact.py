@@ -36,7 +36,8 @@ from torch import Tensor
 from ..analytic import UnsupportedModelError, mlp_decomposition, supported_structure
 from ..curvature_tape import TapeError, tape_ggn_diagonal
 from ..objective import Objective, evaluation_mode
-from .base import DiagonalEstimate, Estimator, EstimatorError, require_positive_integers
+from ..types import DiagonalEstimate
+from .base import Estimator, EstimatorError, require_positive_integers
 from .structural import objective_structure
 
 DEFAULT_MAX_PARAMS = 8_000

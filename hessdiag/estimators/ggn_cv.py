@@ -28,7 +28,8 @@ from torch import Tensor
 from ..compat import func_unsupported_reason
 from ..ggn import ggn_diagonal
 from ..objective import Objective
-from .base import DiagonalEstimate, EstimatorError
+from ..types import DiagonalEstimate
+from .base import EstimatorError
 from .hutchinson import FlatProduct, ProbeEstimator, flat_product
 
 

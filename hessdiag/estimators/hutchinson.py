@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ..objective import Objective
 from ..stats import ProbeStatistics, half_width_on_norm
-from .base import DiagonalEstimate, EstimatorError, StochasticEstimator
+from ..types import DiagonalEstimate
+from .base import EstimatorError, StochasticEstimator
 
 MIN_ADAPTIVE_SAMPLES = 32
 """Adaptive stopping looks at the interval only from this many probes on: with fewer,
