@@ -13,19 +13,20 @@ normalized norm ‖d‖/√P is estimated by
              measured cost in HVP-equivalents (timed on this machine in this run)
 and compared with the exact value. Next to the norm, the script reports the error of the
 estimated diagonal itself, ‖d̂ − d‖₂/‖d‖₂ against the exact diagonal d = diag H (the
-quantity XDiag is built for). The d̂ of each method is the one the library returns in
-``DiagonalEstimate.diagonal`` (``Result.diagonal`` with ``keep_diagonal=True``):
+quantity XDiag is built for). For our estimators d̂ is what they return as their diagonal
+(``DiagonalEstimate.diagonal``; ``Result.diagonal`` with ``keep_diagonal=True``), the exact
+part plus the probe mean (``ProbeStatistics.mean``):
   naive, U   the probe mean, mean zᵢ ⊙ Hzᵢ (the two share it; they differ only in the norm)
   xdiag      XDiag's diagonal
   ours, lowrank/8
              diag(A) of the sketch + the probe mean of zᵢ ⊙ (H − A)zᵢ
   ggn, ggn=cost
              the exact GGN diagonal + the probe mean of zᵢ ⊙ (H − G)zᵢ
-Speed trick (stated as the issue suggests): the exact
-H and G = GGN are formed once (cached in benchmarks/.cache) and every "HVP" is a row of
-Z·H, so all repetitions are cheap; the statistics, the surrogate and the probe draws are
-the library's own code (hessdiag.stats, hessdiag.estimators.*). Products through the real
-objective agree with Z·H to float64 rounding (tests/test_objective.py).
+Speed trick (stated as the issue suggests): the exact H and G = GGN are formed once
+(cached in benchmarks/.cache) and every "HVP" is a row of Z·H, so all repetitions are
+cheap; the statistics, the surrogate and the probe draws are the library's own code
+(hessdiag.stats, hessdiag.estimators.*). Products through the real objective agree with
+Z·H to float64 rounding (tests/test_objective.py).
 
 Run: PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE python benchmarks/accuracy.py [--reps 40] [--no-adaptive]
 """
