@@ -11,13 +11,24 @@ normalized norm ‖d‖/√P is estimated by
   ggn        our GGN control variate (hutchinson-ggn), budget = residual products;
   ggn=cost   the same at equal total cost: budget minus the exact GGN diagonal's
              measured cost in HVP-equivalents (timed on this machine in this run)
-and compared with the exact value. Speed trick (stated as the issue suggests): the exact
-H and G = GGN are formed once (cached in benchmarks/.cache) and every "HVP" is a row of
-Z·H, so all repetitions are cheap; the statistics, the surrogate and the probe draws are
-the library's own code (hessdiag.stats, hessdiag.estimators.*). Products through the real
-objective agree with Z·H to float64 rounding (tests/test_objective.py).
+and compared with the exact value. Next to the norm, the script reports the error of the
+estimated diagonal itself, ‖d̂ − d‖₂/‖d‖₂ against the exact diagonal d = diag H (the
+quantity XDiag is built for). For our estimators d̂ is what they return as their diagonal
+(``DiagonalEstimate.diagonal``; ``Result.diagonal`` with ``keep_diagonal=True``), the exact
+part plus the probe mean (``ProbeStatistics.mean``):
+  naive, U   the probe mean, mean zᵢ ⊙ Hzᵢ (the two share it; they differ only in the norm)
+  xdiag      XDiag's diagonal
+  ours, lowrank/8
+             diag(A) of the sketch + the probe mean of zᵢ ⊙ (H − A)zᵢ
+  ggn, ggn=cost
+             the exact GGN diagonal + the probe mean of zᵢ ⊙ (H − G)zᵢ
+Speed trick (stated as the issue suggests): the exact H and G = GGN are formed once
+(cached in benchmarks/.cache) and every "HVP" is a row of Z·H, so all repetitions are
+cheap; the statistics, the surrogate and the probe draws are the library's own code
+(hessdiag.stats, hessdiag.estimators.*). Products through the real objective agree with
+Z·H to float64 rounding (tests/test_objective.py).
 
-Run: PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE python benchmarks/accuracy.py [--reps 40]
+Run: PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE python benchmarks/accuracy.py [--reps 40] [--no-adaptive]
 """
 
 from __future__ import annotations
@@ -63,13 +74,23 @@ def ggn_cost_in_hvps(model, x, y, repeats: int = 3) -> tuple[float, float, float
     return g, h, g / h
 
 
-def stats_norm(base, estimates, num):
-    """(normalized norm, its interval, naive normalized norm) from probe estimates."""
+def probe_estimate(base, estimates, num):
+    """(normalized norm, its interval, naive normalized norm, diagonal d̂) from probe estimates.
+
+    d̂ = b + mean of the estimates: ``ProbeStatistics.mean``, what the library's probe
+    estimators return as their diagonal (hessdiag.estimators.hutchinson.ProbeEstimator).
+    """
     stats = ProbeStatistics([("all", num)], base)
     stats.add(estimates)
     total = stats.statistics()["total"]
     root = lambda s: math.sqrt(max(s, 0.0) / num)  # noqa: E731
-    return root(total.sq_norm), (root(total.ci95[0]), root(total.ci95[1])), root(total.naive_sq_norm)
+    return (root(total.sq_norm), (root(total.ci95[0]), root(total.ci95[1])), root(total.naive_sq_norm),
+            stats.mean())
+
+
+def relative_error(estimate, exact):
+    """‖d̂ − d‖₂ / ‖d‖₂."""
+    return float((estimate - exact).norm() / exact.norm())
 
 
 def adaptive_table(hessian, exact: float, reps: int) -> None:
@@ -126,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adaptive-only", action="store_true",
                         help="only the adaptive-stopping table")
+    parser.add_argument("--no-adaptive", action="store_true",
+                        help="skip the adaptive-stopping table (the fixed-budget tables only)")
     parser.add_argument("--end-to-end", type=int, metavar="HVPS",
                         help="only the end-to-end check through hessdiag.measure at HVPS")
     args = parser.parse_args(argv)
@@ -146,7 +169,8 @@ def main(argv=None) -> int:
     if args.end_to_end:
         end_to_end(model, x, y, exact, args.reps, args.end_to_end)
         return 0
-    adaptive_table(hessian, exact, args.reps)
+    if not args.no_adaptive:
+        adaptive_table(hessian, exact, args.reps)
     if args.adaptive_only:
         return 0
     g_sec, h_sec, cost = ggn_cost_in_hvps(model, x, y)
@@ -157,37 +181,45 @@ def main(argv=None) -> int:
     methods = ["naive", "U", "xdiag", "lowrank/8", "ours", "ggn", "ggn=cost"]
     errors = {(m, b): [] for m in methods for b in BUDGETS}
     covers = {(m, b): [] for m in methods for b in BUDGETS}
+    diag_errors = {(m, b): [] for m in methods for b in BUDGETS}
     top = max(BUDGETS)
     for rep in range(args.reps):
         gen = torch.Generator().manual_seed(10_000 + rep)
         z = rademacher(gen, top, num, torch.float64)
         hz, rz = z @ hessian, z @ residual
         for budget in BUDGETS:
-            record = lambda m, value, ci=None: (  # noqa: E731
+            record = lambda m, value, diagonal, ci=None: (  # noqa: E731
                 errors[(m, budget)].append(value / exact - 1),
-                covers[(m, budget)].append(None if ci is None else ci[0] <= exact <= ci[1]))
-            value, ci, naive = stats_norm(None, z[:budget] * hz[:budget], num)
-            record("naive", naive)
-            record("U", value, ci)
+                covers[(m, budget)].append(None if ci is None else ci[0] <= exact <= ci[1]),
+                diag_errors[(m, budget)].append(relative_error(diagonal, exact_diag)))
+            value, ci, naive, diagonal = probe_estimate(None, z[:budget] * hz[:budget], num)
+            record("naive", naive, diagonal)
+            record("U", value, diagonal, ci)
             torch.manual_seed(rep)
-            record("xdiag", float(xdiag(hessian, budget).norm()) / math.sqrt(num))
+            diagonal = xdiag(hessian, budget)
+            record("xdiag", float(diagonal.norm()) / math.sqrt(num), diagonal)
             for label, rank in (("lowrank/8", max(1, budget // 8)), ("ours", sketch_rank(budget))):
                 omega = torch.randn(rank, num, generator=gen, dtype=torch.float64)
                 sur = LowRankSurrogate.sketch(lambda v: v @ hessian, omega)
                 m = budget - 2 * rank
-                value, ci, _ = stats_norm(sur.diagonal(), z[:m] * (hz[:m] - sur.apply(z[:m])), num)
-                record(label, value, ci)
-            value, ci, _ = stats_norm(ggn_diag, z[:budget] * rz[:budget], num)
-            record("ggn", value, ci)
+                value, ci, _, diagonal = probe_estimate(sur.diagonal(), z[:m] * (hz[:m] - sur.apply(z[:m])),
+                                                        num)
+                record(label, value, diagonal, ci)
+            value, ci, _, diagonal = probe_estimate(ggn_diag, z[:budget] * rz[:budget], num)
+            record("ggn", value, diagonal, ci)
             m = budget - extra
             if m >= 3:
-                value, ci, _ = stats_norm(ggn_diag, z[:m] * rz[:m], num)
-                record("ggn=cost", value, ci)
+                value, ci, _, diagonal = probe_estimate(ggn_diag, z[:m] * rz[:m], num)
+                record("ggn=cost", value, diagonal, ci)
         print(f"# rep {rep + 1}/{args.reps} done ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
 
     def pct(v):
         return f"{100 * v:+.1f}"
+
+    def quantile(values, p):
+        """The p-quantile of sorted ``values`` (nearest rank)."""
+        return values[min(len(values) - 1, int(p * (len(values) - 1) + 0.5))]
 
     print(f"\nRelative error of the normalized norm over {args.reps} repetitions: median |err| "
           "/ median signed [10 %, 90 % quantiles] / 95 % interval coverage")
@@ -200,14 +232,27 @@ def main(argv=None) -> int:
             if not e:
                 cells.append("—")
                 continue
-            q = lambda p: e[min(len(e) - 1, int(p * (len(e) - 1) + 0.5))]  # noqa: E731
             med_abs = statistics.median(abs(v) for v in e)
-            cell = f"{100 * med_abs:.2f} % / {pct(statistics.median(e))} [{pct(q(0.1))}, {pct(q(0.9))}]"
+            cell = (f"{100 * med_abs:.2f} % / {pct(statistics.median(e))} "
+                    f"[{pct(quantile(e, 0.1))}, {pct(quantile(e, 0.9))}]")
             cov = [c for c in covers[(m, b)] if c is not None]
             if cov:
                 cell += f" / {100 * sum(cov) / len(cov):.0f} %"
             cells.append(cell)
         print(f"| {m} | " + " | ".join(cells) + " |")
+
+    print(f"\nRelative error of the diagonal, ‖d̂ − d‖₂/‖d‖₂, over {args.reps} repetitions: mean / "
+          "median [10 %, 90 % quantiles] (naive and U share their diagonal, the probe mean)")
+    print("\n| method | " + " | ".join(f"{b} HVPs" for b in BUDGETS) + " |")
+    print("|---|" + "---|" * len(BUDGETS))
+    for m in (m for m in methods if m != "U"):
+        cells = []
+        for b in BUDGETS:
+            e = sorted(diag_errors[(m, b)])
+            cells.append("—" if not e else
+                         f"{100 * statistics.fmean(e):.1f} % / {100 * statistics.median(e):.1f} % "
+                         f"[{100 * quantile(e, 0.1):.1f}, {100 * quantile(e, 0.9):.1f}]")
+        print(f"| {'naive, U' if m == 'naive' else m} | " + " | ".join(cells) + " |")
     print(f"\n(ggn=cost: {extra} HVP-equivalents of each budget go to the exact GGN diagonal; "
           f"total {time.perf_counter() - t0:.0f} s, torch {torch.__version__}, "
           f"{args.threads} threads)")

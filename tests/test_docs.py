@@ -1,10 +1,14 @@
-"""docs/cli.md documents every subcommand and every flag the parser has, with an example."""
+"""docs/cli.md documents every subcommand and every flag the parser has, with an example, and
+the outputs it shows are what the commands print (tests/doc_examples.py)."""
 
 import argparse
 import re
 from pathlib import Path
 
+import pytest
+
 from hessdiag.cli import build_parser
+from tests import doc_examples
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
 
@@ -59,3 +63,59 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "layers.png").stat().st_size > 0
     assert scope["last"].num_params == 490 and scope["last"].params == ["5.*"]
     assert scope["last"].estimator == "hutchinson" and scope["last"].samples is not None
+
+
+# -- documented outputs are real outputs (tests/doc_examples.py) -------------------------------
+
+EXAMPLES = doc_examples.parse_examples(DOC)
+
+
+@pytest.fixture(scope="module")
+def real_runs():
+    """Every documented command, run once in document order in one scratch folder (about
+    30 s on one core: the tiny sweep and the `hessdiag check` battery take most of it)."""
+    with doc_examples.scratch_folder() as folder:
+        yield doc_examples.run_examples(EXAMPLES, folder)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.label for e in EXAMPLES])
+def test_documented_output_has_the_shape_of_a_real_run(example, real_runs):
+    code, lines = real_runs[example.line]
+    assert code == doc_examples.expected_exit_code(example), "\n".join(lines)
+    mismatch = doc_examples.shape_mismatch(example, lines)
+    assert mismatch is None, mismatch + "\n(regenerate the docs: python -m tests.doc_examples)"
+
+
+def test_the_documented_examples_are_found():
+    commands = [e.argv[0] for e in EXAMPLES]
+    assert {"measure", "psi", "sweep", "plot", "analyze", "check"} <= set(commands)
+    table = next(e for e in EXAMPLES if e.output and e.output[-2].startswith("estimator=exact"))
+    assert table.argv[-4:] == ["--json", "out/result.json", "--plot", "out/layers.svg"]  # continuation joined
+
+
+def test_a_changed_field_row_or_column_is_a_mismatch():
+    example = next(e for e in EXAMPLES if e.output and e.output[-2].startswith("estimator=exact"))
+    real = list(example.output)
+    assert doc_examples.shape_mismatch(example, real) is None
+    renumbered = [re.sub(r"\d", "7", line) for line in real]  # figures may differ
+    assert doc_examples.shape_mismatch(example, renumbered) is None
+    footer = len(real) - 2
+    for changed in (
+        real[:footer] + [real[footer].replace("  HVPs=0", "")] + real[footer + 1:],  # a field less
+        real[:footer] + [real[footer] + "  seed=0"] + real[footer + 1:],  # a field more
+        real[:2] + real[3:],  # a row less
+        [real[0].replace("95% interval", "interval")] + real[1:],  # a column renamed
+    ):
+        assert doc_examples.shape_mismatch(example, changed) is not None
+
+
+def test_abridged_outputs_compare_head_and_tail():
+    example = doc_examples.Example("hessdiag check", ["$ hessdiag check"], ["a 1", "...", "z 2"], 1)
+    assert doc_examples.shape_mismatch(example, ["a 3", "b", "c", "z 4"]) is None
+    assert doc_examples.shape_mismatch(example, ["a 3", "b", "c", "y 4"]) is not None
+    assert doc_examples.abridge_like(example.output, ["a 3", "b", "z 4"]) == ["a 3", "...", "z 4"]
+
+
+def test_regenerating_with_the_documented_outputs_leaves_the_doc_unchanged():
+    outputs = {e.line: [line for line in e.output if line != "..."] for e in EXAMPLES}
+    assert doc_examples.regenerate(DOC, outputs) == DOC
