@@ -65,10 +65,10 @@ def ggn_cost_in_hvps(model, x, y, repeats: int = 3) -> tuple[float, float, float
     ggn_t, hvp_t = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        objective.ggn_diagonal()
+        objective.ggn.per_example_diagonal()
         ggn_t.append(time.perf_counter() - start)
         start = time.perf_counter()
-        objective.residual_vp(probes)
+        objective.residual.apply(probes)
         hvp_t.append((time.perf_counter() - start) / 32)
     g, h = statistics.median(ggn_t), statistics.median(hvp_t)
     return g, h, g / h

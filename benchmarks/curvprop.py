@@ -199,7 +199,7 @@ def resnet_part(args) -> None:
         anchor = plain_backward(model, x, y)
         anchor()  # warm-up
         # Warm-up of the HVP route (the first HVP times both routes once per objective).
-        objective.hvp(objective.unflatten(torch.ones(2, num)))
+        objective.hessian.apply(objective.unflatten(torch.ones(2, num)))
         anchors: list[float] = []
         rows = []
         for i in range(rounds):
@@ -358,10 +358,10 @@ def exact_relu_part(args) -> None:
         # hutchinson with as many HVPs as fit in the tape's time (at least 6: a sketch of
         # rank 1 and 4 probes)
         start = time.perf_counter()
-        objective.hvp(objective.unflatten(torch.ones(2, num)))
+        objective.hessian.apply(objective.unflatten(torch.ones(2, num)))
         per_hvp = (time.perf_counter() - start) / 2
         start = time.perf_counter()
-        objective.hvp(objective.unflatten(torch.ones(2, num)))
+        objective.hessian.apply(objective.unflatten(torch.ones(2, num)))
         per_hvp = min(per_hvp, (time.perf_counter() - start) / 2)
         samples = max(6, int(med["tape_ggn_diagonal"] / per_hvp))
         estimate, secs = run_estimator(objective, "hutchinson", samples, args.seed)
@@ -421,10 +421,10 @@ def digits_part(args) -> None:
     num = objective.num_params
     exact = float(exact_diag.norm()) / math.sqrt(num)
     ggn = flat(tape_ggn_diagonal(objective), list(objective.params))
-    func_ggn = flat(objective.ggn_diagonal(), list(objective.params))
+    func_ggn = flat(objective.ggn.per_example_diagonal(), list(objective.params))
     residual = exact_diag - ggn
     anchor = median_time(plain_backward(model, x, y), 5)
-    objective.hvp(objective.unflatten(torch.ones(2, num, dtype=torch.float64)))  # HVP route
+    objective.hessian.apply(objective.unflatten(torch.ones(2, num, dtype=torch.float64)))  # HVP route
     settings = ([("curvprop", "rtol 0.05 (default)", None)]
                 + [("curvprop", f"{s} replicates", s) for s in args.digits_samples]
                 + [("hutchinson", f"{s} HVPs", s) for s in args.digits_hutchinson_samples])
@@ -450,7 +450,7 @@ def digits_part(args) -> None:
     print(f"Exact normalized norm {exact:.6g} (basis-vector HVPs: {cached}); "
           f"‖diag GGN‖/‖diag H‖ = {float(ggn.norm() / exact_diag.norm()):.3f}, "
           f"‖diag H − diag GGN‖/‖diag H‖ = {float(residual.norm() / exact_diag.norm()):.3f}; "
-          f"exact GGN diagonal from the tape vs torch.func (``Objective.ggn_diagonal``): "
+          f"exact GGN diagonal from the tape vs torch.func (``objective.ggn.per_example_diagonal``): "
           f"max |Δ|/max = {float((ggn - func_ggn).abs().max() / func_ggn.abs().max()):.1e}. "
           f"Plain forward + backward over all digits: {1e3 * anchor:.1f} ms. "
           f"Seeds: {args.digits_seeds} per curvprop row, "

@@ -5,7 +5,7 @@ not our activation extensions), one batch of ``--batch`` random examples, cross-
 float32. Methods, all on the same model, data and objective:
 
 - ``backward``: one plain ``loss.backward()`` (the anchor; ratios are relative to it);
-- ``hutchinson-1``: one Hessian-vector product ``Objective.hvp`` with one Rademacher probe;
+- ``hutchinson-1``: one Hessian-vector product ``objective.hessian.apply`` with one Rademacher probe;
 - ``backpack``: :func:`hessdiag.backpack_ext.backpack_diagonal` (BackPACK ``DiagHessian``
   on an extended deep copy, i.e. what ``--estimator backpack`` runs);
 - ``exact-analytic``: the ``exact`` estimator as users get it on these MLPs: its analytic
@@ -69,7 +69,7 @@ def runner(method: str, model, x, y, objective, blocks: int = 4):
         def run():
             probe = objective.unflatten(
                 torch.randint(0, 2, (1, objective.num_params)).to(objective.dtype) * 2 - 1)
-            objective.hvp(probe)
+            objective.hessian.apply(probe)
         return run
     if method == "backpack":
         return lambda: backpack_diagonal(objective, "hessian")

@@ -3,7 +3,7 @@
 Each method computes H·v over ALL the data of the case (not one cached batch), batches
 of the same size, same model, same dtype, in one run with the methods interleaved
 (``--rounds`` rounds, medians reported) and thread count pinned:
-  ours/k        hessdiag ``Objective.hvp`` on k probes at once (one data pass; vmapped
+  ours/k        hessdiag ``objective.hessian.apply`` on k probes at once (one data pass; vmapped
                 forward-over-reverse, ``hvp_route="auto"``; ``--hvp-route autograd``
                 for shared-graph double backward); ``ours/1`` is a single probe
   pyhessian     PyHessian 0.1 ``hessian(..., dataloader=..., cuda=False)
@@ -56,8 +56,8 @@ def methods(model: nn.Module, batches, probes: int, device: str, route: str = "a
     v_list = [t[0] for t in single.values()]
     cl = HessianLinearOperator(model, criterion, params, batches, check_deterministic=False)
     out = {
-        f"ours/{probes}": (lambda: objective.hvp(stack), probes),
-        "ours/1": (lambda: objective.hvp(single, chunk_size=1), 1),
+        f"ours/{probes}": (lambda: objective.hessian.apply(stack), probes),
+        "ours/1": (lambda: objective.hessian.apply(single, chunk_size=1), 1),
         "pyhessian": (lambda: pyh.dataloader_hv_product(v_list), 1),
         "cl-matvec": (lambda: cl @ flat[0], 1),
         f"cl-matmat/{probes}": (lambda: cl @ flat.T.contiguous(), probes),

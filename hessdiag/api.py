@@ -17,7 +17,7 @@ from .estimators import AutoEstimator, Estimator, EstimatorOptions, resolve_esti
 from .estimators.curvprop import CurvpropEstimator
 from .estimators.hutchinson import ProbeEstimator
 from .extras import compute_extras, parse_extras
-from .ggn import ggn_diagonal, split_diagonal
+from .ggn import split_diagonal
 from .losses import LossSpec
 from .objective import Objective
 from .progress import Progress, ProgressBatches
@@ -100,7 +100,7 @@ def measure(
         hvp_route: how Hessian-vector products are formed: ``"auto"`` (default:
             ``vmap(jvp(grad))``, falling back to double backward, with one warning, only
             for a model torch.func refuses), ``"func"`` or ``"autograd"`` (double
-            backward); see :meth:`hessdiag.objective.Objective.batch_hvp`. The route that
+            backward); see :meth:`hessdiag.operators.HessianOperator.batch_product`. The route that
             ran is reported in ``Result.hvp_route`` (``hvp_fallback``: why it fell back).
         max_params, force: parameter budget of exact estimators chosen by name.
             With an estimator object these six options belong to its constructor: any of
@@ -159,19 +159,15 @@ def measure(
         if progress is not None:
             objective.data = ProgressBatches(objective.data, progress)  # type: ignore[assignment]
         start = time.perf_counter()
-        known: tuple[dict[str, Tensor], str] | None = None
         if split_ggn and not chosen.exact:
             # Before probing: the probes then also give the residual's unbiased norm and
             # interval (DiagonalEstimate.residual_statistics), and hutchinson-ggn reuses it.
-            known = ggn_diagonal(objective)
-        estimate = chosen.estimate(objective, known_ggn=None if known is None else known[0])
+            objective.ggn.diagonal()
+        estimate = chosen.estimate(objective)
         for name, block in estimate.diagonal.items():
             if not bool(torch.isfinite(block).all()):
                 raise NonFiniteHessianError(f"the Hessian diagonal of {name} contains NaN or Inf")
-        if known is None and "ggn" in estimate.info:  # the analytic MLP path computed it exactly
-            known = (estimate.info["ggn"],  # type: ignore[assignment]
-                     str(estimate.info.get("method", chosen.name)))
-        split = split_diagonal(objective, estimate.diagonal, known_ggn=known) if split_ggn else None
+        split = split_diagonal(objective, estimate.diagonal) if split_ggn else None
         context = compute_extras(objective, extras, seed=seed, diagonal=estimate.diagonal)
         seconds = time.perf_counter() - start
     result = assemble_result(

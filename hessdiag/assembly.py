@@ -68,7 +68,7 @@ def assemble_result(
     ``hvp_route``: how the second-order products ran (``"func"`` or ``"autograd"``;
     ``None`` when none ran), ``hvp_fallback``: torch.func's refusal when the
     ``"auto"`` route fell back to double backward
-    (:meth:`hessdiag.objective.Objective.batch_hvp`).
+    (:meth:`hessdiag.operators.HessianOperator.batch_product`).
 
     ``params``: the parameter selection to record; ``keep_diagonal``: keep the
     diagonals themselves (else ``diagonal``, ``ggn_diagonal`` and ``residual_diagonal``

@@ -9,6 +9,11 @@ class HessdiagError(ValueError):
     """Bad input or an impossible request, explained in one line."""
 
 
+class ObjectiveError(HessdiagError):
+    """The model, data or loss cannot form the objective, or cannot be differentiated as a
+    curvature product needs (bad user input)."""
+
+
 def first_line(err: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
     """The first line of an exception's message (at most ``limit`` characters), for the
     one-line reports of bad input; the exception's type name when the message is empty."""

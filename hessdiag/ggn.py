@@ -16,7 +16,7 @@ estimator's ``residual_statistics`` (unbiased, with an interval, same probes), f
 - ``"backpack"``: BackPACK ``DiagGGNExact`` (one extended backward per batch) on an
   ``nn.Sequential`` copy, else through BackPACK's graph converter (ResNets: residual
   additions, BatchNorm in eval mode);
-- ``"func"``: :meth:`Objective.ggn_diagonal` — per-example VJPs of the loss-Hessian factor
+- ``"func"``: :meth:`hessdiag.operators.GGNOperator.per_example_diagonal` — per-example VJPs of the loss-Hessian factor
   with ``torch.func`` (any model torch.func can differentiate; C VJPs per example);
 - ``"tape"``: C hooked backward passes per batch with per-example squared gradients
   (:func:`hessdiag.curvature_tape.tape_ggn_diagonal`), for networks whose parameters all
@@ -78,9 +78,10 @@ def ggn_diagonal(objective: Objective, method: GGNMethod = "auto") -> tuple[Para
 
 
 def _func_ggn_diagonal(objective: Objective) -> ParamDict:
-    """:meth:`Objective.ggn_diagonal`, with torch.func's refusal turned into a user error."""
+    """The per-example diag G (:meth:`~hessdiag.operators.GGNOperator.per_example_diagonal`),
+    with torch.func's refusal turned into a user error."""
     try:
-        return objective.ggn_diagonal()
+        return objective.ggn.per_example_diagonal()
     except (RuntimeError, NotImplementedError) as err:
         reason = func_unsupported_reason(err)  # anything else (out of memory, ...) propagates
         if reason is None:
@@ -92,17 +93,16 @@ def _func_ggn_diagonal(objective: Objective) -> ParamDict:
         ) from None
 
 
-def split_diagonal(
-    objective: Objective,
-    diagonal: ParamDict,
-    method: GGNMethod = "auto",
-    known_ggn: tuple[ParamDict, str] | None = None,
-) -> GGNSplit:
+def split_diagonal(objective: Objective, diagonal: ParamDict, method: GGNMethod = "auto") -> GGNSplit:
     """Split a Hessian diagonal of ``objective`` into its exact GGN part and the residual.
 
-    ``known_ggn``: ``(diag G, how)`` when the estimator already computed it exactly (the
-    analytic MLP path does), so it is not computed a second time.
+    With ``method="auto"`` diag G is the one ``objective.ggn`` holds
+    (:meth:`hessdiag.operators.GGNOperator.diagonal`: computed once, or handed over by an
+    estimator that had it as a by-product, as the analytic MLP path does).
     """
-    ggn, used = known_ggn if known_ggn is not None else ggn_diagonal(objective, method)
+    if method == "auto":
+        ggn, used = objective.ggn.diagonal(), str(objective.ggn.diagonal_method)
+    else:
+        ggn, used = ggn_diagonal(objective, method)
     residual = {name: diagonal[name] - ggn[name].to(diagonal[name].dtype) for name in diagonal}
     return GGNSplit(ggn={name: ggn[name] for name in diagonal}, residual=residual, method=used)

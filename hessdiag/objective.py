@@ -1,4 +1,4 @@
-"""The measured objective and the Hessian-vector-product plumbing every estimator shares.
+"""The measured objective: the model, the loss, the data pass, and its curvature operators.
 
 Given a model f(·; θ), a loss ℓ and N examples, the objective is (docs/index.md, "What is measured")
 
@@ -11,9 +11,11 @@ batches; each batch contributes its batch-mean loss weighted by ``n_b / N`` so t
 result does not depend on the batch size beyond float rounding.
 
 Vectors in parameter space are dicts ``{name: Tensor}``. Stacks of K vectors carry a
-leading probe dimension: ``{name: Tensor[K, *shape]}``. :meth:`Objective.hvp` returns
-H·V for such a stack, accumulated over *all* measured data for the same probes, in one
-pass over the data (the probes are chunked so memory is bounded by
+leading probe dimension: ``{name: Tensor[K, *shape]}``. The curvature matrices H, G (GGN)
+and R = H − G are linear operators on such stacks, ``objective.hessian``, ``objective.ggn``
+and ``objective.residual`` (:mod:`hessdiag.operators`): each product is accumulated over
+*all* measured data for the same vectors in one pass over the data
+(:meth:`Objective.accumulate`; the vectors are chunked so memory is bounded by
 ``chunk_size × batch_size × activations``).
 """
 
@@ -21,33 +23,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call
 
-from .compat import (double_backward_unsupported_reason, func_unsupported_reason, quiet_jit_deprecation,
-                     twice_differentiable)
-from .errors import HessdiagError
+from .compat import quiet_jit_deprecation, twice_differentiable
+from .errors import ObjectiveError
 from .losses import Loss, LossSpec, resolve_loss
+from .operators import GGNOperator, HessianOperator, ResidualOperator
 from .selection import ParamSpec, select_parameters
 from .types import ParamDict
 
 Batch = tuple[Tensor, Tensor]
 
 
-GGN_MEMORY_NUMBERS = 10_000_000
-"""The exact GGN diagonal holds examples × C × P numbers at once; by default it vmaps
-examples·P ≈ this many (64 examples for the digits MLP, 1 for ResNet-18)."""
-
 HVP_ROUTES: tuple[str, ...] = ("auto", "func", "autograd")
-"""How :meth:`Objective.hvp` forms Hessian-vector products (see :meth:`Objective.batch_hvp`)."""
-
-
-class ObjectiveError(HessdiagError):
-    """The model, data or loss cannot form the objective (bad user input)."""
+"""How ``objective.hessian`` forms Hessian-vector products
+(:meth:`hessdiag.operators.HessianOperator.batch_product`)."""
 
 
 @contextlib.contextmanager
@@ -137,9 +131,9 @@ class Objective:
         device: compute device; default: the parameters' device.
         batch_size: batch size used when ``data`` is an ``(x, y)`` pair.
         chunk_size: probes per vmapped HVP call; bounds the peak memory.
-        hvp_route: ``"auto"`` (default), ``"func"`` or ``"autograd"``: how :meth:`hvp`
-            forms its products (:meth:`batch_hvp`). After the first product,
-            ``hvp_route_used`` says which route ran and ``hvp_fallback`` why ``"auto"``
+        hvp_route: ``"auto"`` (default), ``"func"`` or ``"autograd"``: how ``hessian``
+            forms its products (:meth:`hessdiag.operators.HessianOperator.batch_product`).
+            After the first product, ``hvp_route_used`` says which route ran and ``hvp_fallback`` why ``"auto"``
             left ``"func"`` (``None`` if it did not).
         params: the parameters that form θ (names, glob patterns or ``Parameter`` objects;
             :func:`hessdiag.selection.select_parameters`); default: those with
@@ -193,9 +187,13 @@ class Objective:
         self.numels = {n: p.numel() for n, p in self.params.items()}
         self.num_params = sum(self.numels.values())
         self.hvp_route = hvp_route
+        # The record of the second-order products that ran, written by the operators.
         self.hvp_route_used: str | None = None  # "func" or "autograd" once a product ran
         self.hvp_fallback: str | None = None  # why "auto" switched to "autograd"
         self.num_examples: int | None = None  # known after the first pass
+        self.hessian = HessianOperator(self)
+        self.ggn = GGNOperator(self)
+        self.residual = ResidualOperator(self)
 
     # -- data ---------------------------------------------------------------------------
 
@@ -253,25 +251,17 @@ class Objective:
                 total += n * float(self.batch_loss(self.params, x, y))
         return total / self.num_examples  # type: ignore[operator]
 
-    # -- Hessian-vector products --------------------------------------------------------
+    # -- the data pass of curvature products ---------------------------------------------
 
-    def hvp(self, vectors: ParamDict, chunk_size: int | None = None) -> ParamDict:
-        """H·V for a stack of K vectors ``{name: [K, *shape]}`` over all measured data.
-
-        One pass over the data; within each batch the K probes are processed in chunks
-        of ``chunk_size`` (default: the objective's) by :meth:`batch_hvp`, on the route
-        ``hvp_route`` selects. Larger chunks amortize per-call overhead at the price of
-        ``chunk × batch``-sized activations.
-        """
-        return self._accumulate(vectors, self.batch_hvp, chunk_size)
-
-    def _accumulate(
+    def accumulate(
         self,
         vectors: ParamDict,
         batch_product: Callable[[ParamDict, Tensor, Tensor], ParamDict],
         chunk_size: int | None,
     ) -> ParamDict:
-        """Σ_b (n_b/N) · batch_product(V, x_b, y_b), in one data pass, probes in chunks."""
+        """Σ_b (n_b/N) · batch_product(V, x_b, y_b) for a stack ``{name: [K, *shape]}``, in one
+        data pass, the K vectors in chunks of ``chunk_size`` (default: the objective's): the
+        data pass every curvature operator (:mod:`hessdiag.operators`) shares."""
         num = next(iter(vectors.values())).shape[0]
         step = chunk_size or self.chunk_size
         out = {n: torch.zeros_like(v) for n, v in vectors.items()}
@@ -286,174 +276,6 @@ class Objective:
         for k in out:
             out[k].div_(self.num_examples)
         return out
-
-    def batch_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        """H_b·V for one batch's mean loss ℓ̄_b and a chunk of probes ``{name: [k, *shape]}``.
-
-        Two routes give the same product up to rounding: ``"func"``, ``vmap(jvp(grad))``
-        (forward-over-reverse, the chunk's tangents batched), and ``"autograd"``, double
-        backward sharing one ``create_graph`` gradient among the chunk's probes. The
-        route is fixed, never chosen by timing, so the same inputs and seed give the same
-        bits in every run:
-
-        - ``"auto"`` (default) runs ``"func"``: on 2 CPU cores about 10× faster than
-          double backward on a small MLP, where per-call overhead dominates, and within
-          about 1.3× of it (either way) on ResNet-18 (``docs/benchmarks.md``); no model
-          property we know of predicts double backward to win clearly, so there is no
-          second rule. Only when torch.func refuses the model with one of the errors of
-          :data:`hessdiag.compat.FUNC_UNSUPPORTED_MESSAGES` (an operator without a
-          forward-mode derivative or batching rule, a custom ``autograd.Function``
-          without ``jvp``, a buffer written in forward, ...) does it switch to
-          ``"autograd"`` for good, with one ``RuntimeWarning`` naming the reason, kept
-          in ``hvp_fallback``. Any other error, out-of-memory included, propagates.
-        - ``"func"``: torch.func only; a model it refuses is an :class:`ObjectiveError`.
-        - ``"autograd"``: double backward only.
-
-        A model that double backward cannot differentiate twice either (an operator
-        without a second derivative) is an :class:`ObjectiveError` naming the operator.
-        """
-        if self.hvp_route == "autograd" or self.hvp_fallback is not None:
-            return self._double_backward(chunk, x, y)
-        try:
-            product = self._func_hvp(chunk, x, y)
-        except (RuntimeError, NotImplementedError) as err:
-            reason = func_unsupported_reason(err)
-            if reason is None:
-                raise
-            if self.hvp_route == "func":
-                raise ObjectiveError(
-                    f"hvp_route 'func': torch.func cannot differentiate this model ({reason[:160]}); "
-                    "use hvp_route 'auto' or 'autograd'"
-                ) from err
-            self._fall_back(reason)
-            return self._double_backward(chunk, x, y)
-        self.hvp_route_used = "func"
-        return product
-
-    def _fall_back(self, reason: str) -> None:
-        warnings.warn(
-            f"torch.func HVPs are not supported for this model ({reason[:160]}); "
-            "falling back to double backward",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-        self.hvp_fallback = reason
-
-    def _double_backward(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        try:
-            product = self._autograd_hvp(chunk, x, y)
-        except (RuntimeError, NotImplementedError) as err:
-            reason = double_backward_unsupported_reason(err)
-            if reason is None:
-                raise
-            func = f"; torch.func: {self.hvp_fallback[:120]}" if self.hvp_fallback else ""
-            raise ObjectiveError(
-                f"this model cannot be differentiated twice (double backward: {reason[:160]}{func})"
-            ) from err
-        self.hvp_route_used = "autograd"
-        return product
-
-    def _func_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        gradient: Callable[[ParamDict], ParamDict] = grad(lambda p: self.batch_loss(p, x, y))
-
-        def single(v: ParamDict) -> ParamDict:
-            return jvp(gradient, (self.params,), (v,))[1]
-
-        return vmap(single)(chunk)
-
-    def _autograd_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        params = {k: p.detach().requires_grad_(True) for k, p in self.params.items()}
-        names = list(params)
-        with torch.enable_grad():
-            g = torch.autograd.grad(self.batch_loss(params, x, y), [params[k] for k in names],
-                                    create_graph=True)
-            num = chunk[names[0]].shape[0]
-            rows = []
-            for i in range(num):
-                hv = torch.autograd.grad(g, [params[k] for k in names],
-                                         grad_outputs=[chunk[k][i] for k in names],
-                                         retain_graph=i < num - 1, allow_unused=True)
-                rows.append([torch.zeros_like(params[k]) if h is None else h.detach()
-                             for k, h in zip(names, hv)])
-        return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
-
-    # -- generalized Gauss–Newton --------------------------------------------------------
-
-    def ggn_vp(self, vectors: ParamDict, chunk_size: int | None = None) -> ParamDict:
-        """G·V = (1/N) Σ_b n_b J_bᵀ Λ_b J_b V for a stack ``{name: [K, *shape]}``.
-
-        J_b is the Jacobian of the batch's outputs, Λ_b the Hessian of the batch-mean
-        loss with respect to them; per probe one JVP, one loss-HVP and one VJP. Same
-        chunking and single data pass as :meth:`hvp`.
-        """
-        product = self._accumulate(vectors, self._batch_ggn_vp, chunk_size)
-        self.hvp_route_used = "func"  # this product has no double-backward route
-        return product
-
-    def _batch_ggn_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        output, pullback = vjp(lambda p: self.forward(p, x), self.params)  # type: ignore[misc]  # 2 without aux
-        loss_grad = grad(lambda o: self.loss.batch_mean(o, y))
-
-        def single(v: ParamDict) -> ParamDict:
-            jv = jvp(lambda p: self.forward(p, x), (self.params,), (v,))[1]
-            return pullback(jvp(loss_grad, (output,), (jv,))[1])[0]
-
-        return vmap(single)(chunk)
-
-    def residual_vp(self, vectors: ParamDict, chunk_size: int | None = None) -> ParamDict:
-        """(H − G)·V in one fused product per probe, same conventions as :meth:`hvp`.
-
-        The residual is the Hessian of θ ↦ (1/N) Σₙ rₙᵀ f(xₙ; θ) with rₙ = ∇_f ℓₙ held
-        fixed (docs/math.md), so each probe costs one forward-over-reverse product of a
-        linear-in-outputs function — the price of one HVP, not of an HVP plus a GGN-VP.
-        """
-        product = self._accumulate(vectors, self._batch_residual_vp, chunk_size)
-        self.hvp_route_used = "func"  # this product has no double-backward route
-        return product
-
-    def _batch_residual_vp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
-        with torch.no_grad():
-            output = self.forward(self.params, x)
-        # ∇_f of the batch-mean loss: one per batch, shared by all probes of the chunk.
-        weights = grad(lambda o: self.loss.batch_mean(o, y))(output).detach()
-        gradient = grad(lambda p: (self.forward(p, x) * weights).sum())
-
-        def single(v: ParamDict) -> ParamDict:
-            return jvp(gradient, (self.params,), (v,))[1]
-
-        return vmap(single)(chunk)
-
-    def ggn_diagonal(self, examples_per_chunk: int | None = None) -> ParamDict:
-        """Exact diag(G) = (1/N) Σₙ Σ_ρ (Jₙᵀ q_{n,ρ})², q_{n,ρ} the columns of Qₙ.
-
-        One VJP per example and output class (C per example), vmapped over examples in
-        chunks of ``examples_per_chunk`` (default: sized by :data:`GGN_MEMORY_NUMBERS`);
-        memory O(examples_per_chunk · C · P). Works for
-        any model torch.func can differentiate (BatchNorm in eval mode included).
-        """
-        if examples_per_chunk is None:
-            examples_per_chunk = max(1, min(64, GGN_MEMORY_NUMBERS // self.num_params))
-        total = {n: torch.zeros_like(p) for n, p in self.params.items()}
-
-        def per_example(xi: Tensor, factor: Tensor) -> ParamDict:
-            out, pullback = vjp(lambda p: self.forward(p, xi.unsqueeze(0))[0], self.params)  # type: ignore[misc]
-            cotangents = factor.transpose(0, 1).reshape(factor.shape[1], *out.shape)
-            columns = vmap(pullback)(cotangents)[0]
-            return {k: c.pow(2).sum(0) for k, c in columns.items()}
-
-        with evaluation_mode(self.model):
-            for x, y, _ in self.batches():
-                for start in range(0, x.shape[0], examples_per_chunk):
-                    xs, ys = x[start : start + examples_per_chunk], y[start : start + examples_per_chunk]
-                    # The loss factors are formed per chunk outside vmap: a custom loss's
-                    # autograd Hessian need not be vmappable.
-                    with torch.no_grad():
-                        factors = self.loss.hessian_factors(self.forward(self.params, xs), ys)
-                    part = vmap(per_example)(xs, factors)
-                    for k in total:
-                        total[k].add_(part[k].sum(0))
-        assert self.num_examples is not None  # counted by the pass above
-        return {k: v / self.num_examples for k, v in total.items()}
 
     # -- stateful copies for libraries that need a module -------------------------------
 

@@ -76,7 +76,7 @@ def test_output_layer_has_no_residual_and_ggn_matches_objective():
     dec = mlp_decomposition(obj)
     last = [n for n in dec.residual][-2:]  # weight and bias of the output Linear
     assert all(float(dec.residual[n].abs().max()) == 0.0 for n in last)
-    assert max_relative_error(mlp_ggn_diagonal(obj), obj.ggn_diagonal()) < RTOL
+    assert max_relative_error(mlp_ggn_diagonal(obj), obj.ggn.per_example_diagonal()) < RTOL
     assert all(float(v.min()) >= 0 for v in dec.ggn.values())
 
 

@@ -2,7 +2,7 @@
 
 References, all float64:
 
-- ``Objective.ggn_diagonal()``: per-example VJPs of the loss-Hessian factor by torch.func;
+- ``objective.ggn.per_example_diagonal()``: per-example VJPs of the loss-Hessian factor by torch.func;
 - the exact Hessian diagonal from basis-vector HVPs (``ExactEstimator(analytic=False)``),
   and once from the full Hessian by ``torch.autograd.functional.hessian``
   (tests/reference.py).
@@ -69,7 +69,7 @@ def test_tape_ggn_diagonal_equals_the_torch_func_ggn_diagonal(loss, activation):
     objective = Objective(residual_cnn(act, inplace_add=True), residual_cnn_data(), loss,
                           batch_size=3)
     found = tape_ggn_diagonal(objective)
-    assert max_relative_error(found, objective.ggn_diagonal()) <= RTOL
+    assert max_relative_error(found, objective.ggn.per_example_diagonal()) <= RTOL
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -107,7 +107,7 @@ def test_ggn_plus_residual_is_the_exact_hessian_diagonal(activations):
     objective = Objective(model, residual_cnn_data(), "ce", batch_size=3)
     exact = exact_diagonal(objective)
     # The residual matters here: without it the error is ≥ 15 % (see the module docstring).
-    assert max_relative_error(objective.ggn_diagonal(), exact) > 0.1
+    assert max_relative_error(objective.ggn.per_example_diagonal(), exact) > 0.1
     assert max_relative_error(taped_hessian_diagonal(objective), exact) <= RTOL
 
 
@@ -115,7 +115,7 @@ def test_ggn_plus_residual_with_mse_and_an_out_of_place_residual_add():
     model = residual_cnn((SMOOTH["rct"], SMOOTH["silu"], SMOOTH["softplus"]), inplace_add=False)
     objective = Objective(model, residual_cnn_data(), "mse", batch_size=4)
     exact = exact_diagonal(objective)
-    assert max_relative_error(objective.ggn_diagonal(), exact) > 0.1
+    assert max_relative_error(objective.ggn.per_example_diagonal(), exact) > 0.1
     assert max_relative_error(taped_hessian_diagonal(objective), exact) <= RTOL
 
 
@@ -148,7 +148,7 @@ def test_ggn_plus_residual_on_a_sequence_model_with_functional_activations(loss)
     y = torch.randint(0, 3, (5,), generator=g)
     objective = Objective(model, (x, y), loss, batch_size=3)
     exact = exact_diagonal(objective)
-    assert max_relative_error(tape_ggn_diagonal(objective), objective.ggn_diagonal()) <= RTOL
+    assert max_relative_error(tape_ggn_diagonal(objective), objective.ggn.per_example_diagonal()) <= RTOL
     assert max_relative_error(taped_hessian_diagonal(objective), exact) <= RTOL
 
 

@@ -9,6 +9,7 @@ from hessdiag.backpack_ext import BackpackUnsupportedError
 from hessdiag.ggn import ggn_diagonal, split_diagonal
 from hessdiag.models import cnn
 from hessdiag.objective import Objective
+from hessdiag.operators import GGNOperator
 
 from .models import tiny_mlp, image_data
 from .reference import (
@@ -192,7 +193,7 @@ def test_ggn_of_a_model_neither_backpack_nor_torch_func_handles_is_a_one_line_us
     def refuse(self, examples_per_chunk=None):
         raise NotImplementedError("Batching rule not implemented for aten::foo.\nsecond line")
 
-    monkeypatch.setattr(Objective, "ggn_diagonal", refuse)
+    monkeypatch.setattr(GGNOperator, "per_example_diagonal", refuse)
     objective = Objective(Opaque(), tiny_classification, dtype=torch.float64)
     with pytest.raises(HessdiagError, match=r"needs a model BackPACK can traverse.*no --split-ggn"):
         ggn_diagonal(objective, "func")

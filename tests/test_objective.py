@@ -1,4 +1,4 @@
-"""The shared plumbing: HVPs and GGN products against float64 references."""
+"""The objective: data pass, losses, HVP routes, batching invariance and bad input."""
 
 import json
 import warnings
@@ -13,36 +13,7 @@ import hessdiag.ggn
 from hessdiag.errors import HessdiagError
 from hessdiag.models import cnn, mlp
 from hessdiag.objective import HVP_ROUTES, Objective, ObjectiveError
-
-from .reference import flat, max_relative_error, reference_ggn, reference_hessian, split_like
-
-
-def models():
-    torch.manual_seed(0)
-    yield "mlp", mlp(in_features=6, hidden=(5, 4), num_classes=3, activation="rct:n=2,alpha=7"), (20, 6)
-    yield "cnn", cnn(in_channels=1, image_size=4, channels=(2, 2), num_classes=3, activation="silu"), (9, 1, 4, 4)
-
-
-@pytest.mark.parametrize("loss", ["ce", "mse"])
-@pytest.mark.parametrize("name, model, shape", list(models()))
-def test_hvp_and_ggn_vp_equal_dense_references(name, model, shape, loss):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(*shape, generator=g), torch.randint(0, 3, (shape[0],), generator=g)
-    obj = Objective(model, (x, y), loss, dtype=torch.float64, batch_size=4, chunk_size=3)
-    v = torch.randn(5, obj.num_params, generator=g, dtype=torch.float64)
-    hv = obj.flatten(obj.hvp(obj.unflatten(v)))
-    gv = obj.flatten(obj.ggn_vp(obj.unflatten(v)))
-    h, ggn = reference_hessian(model, loss, x, y), reference_ggn(model, loss, x, y)
-    # float64 on both sides, different routes: rounding is ~1e-15 relative.
-    assert float((hv - v @ h).abs().max() / (v @ h).abs().max()) < 1e-10
-    assert float((gv - v @ ggn).abs().max() / (v @ ggn).abs().max()) < 1e-10
-    diag = obj.ggn_diagonal(examples_per_chunk=3)
-    assert max_relative_error(diag, split_like(ggn.diagonal(), model)) < 1e-10
-    assert bool((flat(diag) >= 0).all())
-    # The fused residual product is (H − G)·V, the same rounding argument.
-    rv = obj.flatten(obj.residual_vp(obj.unflatten(v)))
-    ref = v @ (h - ggn)
-    assert float((rv - ref).abs().max() / ref.abs().max()) < 1e-10
+from hessdiag.operators import GGNOperator, HessianOperator, ResidualOperator
 
 
 def test_empty_data_and_bad_loss_are_user_errors():
@@ -68,7 +39,7 @@ def test_both_hvp_routes_agree_and_the_route_is_fixed():
     for route in HVP_ROUTES:
         obj = Objective(model, (x, y), "ce", dtype=torch.float64, batch_size=8, hvp_route=route)
         assert obj.hvp_route_used is None
-        results[route] = obj.flatten(obj.hvp(obj.unflatten(v)))
+        results[route] = obj.flatten(obj.hessian.apply(obj.unflatten(v)))
         # auto means func, by rule rather than by a timing race
         assert obj.hvp_route_used == ("func" if route == "auto" else route)
         assert obj.hvp_fallback is None
@@ -97,12 +68,12 @@ def _refuse(message, error=NotImplementedError):
 def test_auto_falls_back_once_on_torch_func_refusal_and_records_it(monkeypatch):
     model, x, y, v = _silu_mlp_problem()
     reference = Objective(model, (x, y), "ce", dtype=torch.float64, hvp_route="autograd")
-    expected = reference.flatten(reference.hvp(reference.unflatten(v)))
-    monkeypatch.setattr(Objective, "_func_hvp", _refuse(UNSUPPORTED))
+    expected = reference.flatten(reference.hessian.apply(reference.unflatten(v)))
+    monkeypatch.setattr(HessianOperator, "_func_product", _refuse(UNSUPPORTED))
     obj = Objective(model, (x, y), "ce", dtype=torch.float64, batch_size=8)
     with pytest.warns(RuntimeWarning, match="falling back to double backward") as record:
-        first = obj.flatten(obj.hvp(obj.unflatten(v)))
-        second = obj.flatten(obj.hvp(obj.unflatten(v)))
+        first = obj.flatten(obj.hessian.apply(obj.unflatten(v)))
+        second = obj.flatten(obj.hessian.apply(obj.unflatten(v)))
     assert len(record) == 1 and "hardswish_backward" in str(record[0].message)  # once, with the reason
     assert obj.hvp_route_used == "autograd" and obj.hvp_fallback == UNSUPPORTED
     assert torch.allclose(first, expected, rtol=1e-12, atol=1e-15) and torch.equal(first, second)
@@ -116,10 +87,10 @@ def test_auto_falls_back_once_on_torch_func_refusal_and_records_it(monkeypatch):
 
 def test_func_route_refused_by_torch_func_is_a_user_error(monkeypatch):
     model, x, y, v = _silu_mlp_problem()
-    monkeypatch.setattr(Objective, "_func_hvp", _refuse(UNSUPPORTED))
+    monkeypatch.setattr(HessianOperator, "_func_product", _refuse(UNSUPPORTED))
     obj = Objective(model, (x, y), "ce", hvp_route="func")
     with pytest.raises(ObjectiveError, match="hvp_route 'func': torch.func cannot .*hardswish"):
-        obj.hvp(obj.unflatten(v.float()))
+        obj.hessian.apply(obj.unflatten(v.float()))
 
 
 @pytest.mark.parametrize("error", [
@@ -137,12 +108,12 @@ def test_other_errors_in_the_product_propagate(monkeypatch, error, route):
     def broken(self, *args):
         raise error
 
-    monkeypatch.setattr(Objective, "_func_hvp", broken)
+    monkeypatch.setattr(HessianOperator, "_func_product", broken)
     obj = Objective(model, (x, y), "ce", hvp_route=route)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning either
         with pytest.raises(type(error)) as caught:
-            obj.hvp(obj.unflatten(v.float()))
+            obj.hessian.apply(obj.unflatten(v.float()))
     assert caught.value is error
     assert obj.hvp_fallback is None and obj.hvp_route_used is None
 
@@ -154,13 +125,13 @@ def test_out_of_memory_in_double_backward_and_fused_products_propagates(monkeypa
     def broken(self, *args):
         raise oom
 
-    monkeypatch.setattr(Objective, "_autograd_hvp", broken)
+    monkeypatch.setattr(HessianOperator, "_autograd_product", broken)
     with pytest.raises(torch.OutOfMemoryError):
         hessdiag.measure(model, (x, y), estimator="hutchinson", samples=8, hvp_route="autograd")
-    monkeypatch.setattr(Objective, "_batch_residual_vp", broken)
+    monkeypatch.setattr(ResidualOperator, "batch_product", broken)
     with pytest.raises(torch.OutOfMemoryError):
         hessdiag.measure(model, (x, y), estimator="hutchinson-ggn", samples=8)
-    monkeypatch.setattr(Objective, "ggn_diagonal", broken)
+    monkeypatch.setattr(GGNOperator, "per_example_diagonal", broken)
     with pytest.raises(torch.OutOfMemoryError):
         hessdiag.ggn.ggn_diagonal(Objective(model, (x, y)), method="func")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
 
 from ..analytic import supported_structure
 from ..objective import Objective
@@ -70,10 +69,10 @@ class AutoEstimator(Estimator, EstimatorOptions):
     exact = False
 
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
         chosen, why = select_estimator(objective, self)
-        estimate = chosen.estimate(objective, known_ggn)
+        estimate = chosen.estimate(objective)
         estimate.info["selected"] = chosen.name
         estimate.info["selection"] = why
         return estimate

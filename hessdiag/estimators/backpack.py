@@ -13,7 +13,6 @@ residual additions, custom or non-Sequential modules) are refused, naming the mo
 
 from __future__ import annotations
 
-from torch import Tensor
 
 from ..objective import Objective
 from ..types import DiagonalEstimate
@@ -27,7 +26,7 @@ class BackpackEstimator(Estimator):
     exact = True
 
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
         from ..backpack_ext import backpack_diagonal
 

@@ -19,7 +19,6 @@ from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from torch import Tensor
 
 from ..errors import HessdiagError
 from ..objective import Objective
@@ -111,14 +110,18 @@ class Estimator(metaclass=_EstimatorType):
 
     @abstractmethod
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
-        """Estimate the Hessian diagonal of ``objective``.
+        """Estimate the Hessian diagonal of ``objective``, acting on its curvature operators
+        ``objective.hessian``, ``objective.ggn`` and ``objective.residual``
+        (:mod:`hessdiag.operators`).
 
-        ``known_ggn``: the exact diag(GGN) ``{name: Tensor}``, when the caller has it
-        (``split_ggn=True``). A stochastic estimator then also returns
+        When the exact diag(GGN) is already known (``objective.ggn.known_diagonal``, as
+        after ``split_ggn=True`` asked for it), a stochastic estimator also returns
         ``residual_statistics`` for d − diag(GGN) from the same probes, and one that needs
-        diag(GGN) itself uses it instead of computing it again. Exact estimators ignore it.
+        diag(GGN) itself takes it from there instead of computing it again. An estimator
+        that obtains diag(GGN) exactly as a by-product hands it over with
+        ``objective.ggn.remember``.
         """
 
 

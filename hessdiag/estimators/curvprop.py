@@ -88,22 +88,22 @@ class CurvpropEstimator(StochasticEstimator):
             raise EstimatorError("curvprop needs at least 3 replicates (--samples)")
 
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
         structure = objective_structure(objective)
         if structure.kind == "general":
             raise EstimatorError(f"curvprop: {structure.reason}; use hutchinson")
         try:
-            return self._run(objective, structure, self.budget, known_ggn)
+            return self._run(objective, structure, self.budget)
         except TapeError as err:
             raise EstimatorError(f"curvprop: {err}; use hutchinson") from None
 
-    def _run(self, objective: Objective, structure: NetworkStructure, target: int,
-             known_ggn: dict[str, Tensor] | None) -> DiagonalEstimate:
+    def _run(self, objective: Objective, structure: NetworkStructure, target: int) -> DiagonalEstimate:
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed)
         sizes = list(objective.numels.items())
         ggn: Tensor | None = None
+        known_ggn = objective.ggn.known_diagonal
         if known_ggn is not None:
             ggn = objective.flatten({k: known_ggn[k].to(objective.dtype).unsqueeze(0)
                                      for k in objective.numels})[0]

@@ -2,19 +2,20 @@
 
 dᵢ = eᵢᵀ H eᵢ. The basis vectors are processed in blocks of ``block_size``: one block
 is a stack ``E ∈ R^{k×P}`` of one-hot rows, H·E is formed by
-:meth:`~hessdiag.objective.Objective.hvp` (vmapped forward-over-reverse, chunked), and
+:class:`~hessdiag.operators.HessianOperator` (vmapped forward-over-reverse, chunked), and
 the k wanted entries are read off. Cost: P HVPs, i.e. about P/``block_size`` passes over
 the data; memory: O(k·P) for the block plus the HVP chunk's activations.
 
 Fast path: for an MLP that :mod:`hessdiag.analytic` supports (``nn.Sequential`` of Linear
 layers and closed-form activations), the diagonal comes from the exact pre-activation-Hessian
-recursion of docs/appendix.md in one data pass, no HVPs, and with the GGN/residual split
-(``info["ggn"]``, ``info["residual"]``).
+recursion of docs/appendix.md in one data pass, no HVPs, and with the exact GGN diagonal as a
+by-product, handed to ``objective.ggn`` (:meth:`~hessdiag.operators.GGNOperator.remember`).
 
 Piecewise-linear path: for a network that is affine in each parameter with only
 piecewise-linear nonlinearities (ReLU, max pooling, BatchNorm in eval mode, residual adds;
 :mod:`hessdiag.structure`), diag H = diag GGN exactly, computed with C backward passes per
-batch (:func:`hessdiag.curvature_tape.tape_ggn_diagonal`) for a network of any size.
+batch (:func:`hessdiag.curvature_tape.tape_ggn_diagonal`) for a network of any size (also
+handed to ``objective.ggn``).
 
 ``info["method"]`` says which path ran (``"analytic-mlp"``, ``"piecewise-linear: …"`` or
 ``"basis-hvp"``). The parameter budget applies to the HVP path only.
@@ -97,7 +98,7 @@ class ExactEstimator(Estimator):
         require_positive_integers(self.name, max_params=self.max_params, block_size=self.block_size)
 
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
         if self.analytic:
             structure = supported_structure(objective.model)
@@ -107,21 +108,17 @@ class ExactEstimator(Estimator):
                 except UnsupportedModelError:  # e.g. inputs that are not [batch, features]
                     pass
                 else:
-                    return DiagonalEstimate(
-                        diagonal=dec.diagonal, hvps=0,
-                        info={"method": "analytic-mlp", "ggn": dec.ggn, "residual": dec.residual},
-                    )
+                    objective.ggn.remember(dec.ggn, "analytic-mlp")
+                    return DiagonalEstimate(diagonal=dec.diagonal, hvps=0, info={"method": "analytic-mlp"})
         if self.structural and objective_structure(objective).kind == "piecewise-linear":
             try:
                 ggn = tape_ggn_diagonal(objective)
             except TapeError:  # a layer the per-example rules cannot follow
                 pass
             else:
-                return DiagonalEstimate(
-                    diagonal=ggn, hvps=0,
-                    info={"method": "piecewise-linear: diag H = diag GGN",
-                          "ggn": ggn, "residual": {k: torch.zeros_like(v) for k, v in ggn.items()}},
-                )
+                method = "piecewise-linear: diag H = diag GGN"
+                objective.ggn.remember(ggn, method)
+                return DiagonalEstimate(diagonal=ggn, hvps=0, info={"method": method})
         return self._basis_hvps(objective)
 
     def _basis_hvps(self, objective: Objective) -> DiagonalEstimate:
@@ -144,7 +141,7 @@ class ExactEstimator(Estimator):
         basis[rows, idx] = 1.0
         # One data pass per block; inside it the objective's chunk_size bounds how many
         # probes go through one vmapped call (memory: chunk × batch activations).
-        hv = objective.flatten(objective.hvp(objective.unflatten(basis)))
+        hv = objective.flatten(objective.hessian.apply(objective.unflatten(basis)))
         return hv[rows, idx]
 
     def refusal(self, objective: Objective, budget: int) -> str:

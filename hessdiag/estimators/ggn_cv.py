@@ -5,7 +5,7 @@ residual carrying the activations' second derivatives weighted by the loss gradi
 (docs/math.md). diag(G) is computed exactly (:func:`hessdiag.ggn.ggn_diagonal`: BackPACK
 ``DiagGGNExact`` where it can traverse the model, else C VJPs per example), and diag(R) by
 Rademacher probes zᵢ ⊙ (R zᵢ), where R z is one fused
-product (:meth:`Objective.residual_vp`) costing one HVP. With g = diag G exact,
+product (:class:`~hessdiag.operators.ResidualOperator`) costing one HVP. With g = diag G exact,
 
     ‖d‖² = ‖g‖² + 2 gᵀr + ‖r‖²,   estimated by ‖g‖² + 2 gᵀ r̄ + U(r₁, …, r_N),
 
@@ -26,11 +26,10 @@ import torch
 from torch import Tensor
 
 from ..compat import func_unsupported_reason
-from ..ggn import ggn_diagonal
 from ..objective import Objective
 from ..types import DiagonalEstimate
 from .base import EstimatorError
-from .hutchinson import FlatProduct, ProbeEstimator, flat_product
+from .hutchinson import FlatProduct, ProbeEstimator
 
 
 class GGNHutchinsonEstimator(ProbeEstimator):
@@ -40,17 +39,15 @@ class GGNHutchinsonEstimator(ProbeEstimator):
 
     def prepare(
         self, objective: Objective, generator: torch.Generator, budget: int,
-        known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
         info: dict[str, object] = {}
-        if known_ggn is not None:  # split_ggn=True computed it already (hessdiag.ggn)
-            base = known_ggn
-        else:
+        if objective.ggn.known_diagonal is None:  # else split_ggn=True computed it already
             start = time.perf_counter()
-            ggn, _ = ggn_diagonal(objective)
+            objective.ggn.diagonal()
             info["ggn_diagonal_seconds"] = time.perf_counter() - start
-            base = objective.flatten({k: v.unsqueeze(0) for k, v in ggn.items()})[0]
-        residual = flat_product(objective, "residual_vp")
+        ggn = objective.ggn.diagonal()
+        base = objective.flatten({k: ggn[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
+        residual = objective.residual.rows
 
         def product(probes: Tensor) -> Tensor:
             try:
@@ -67,9 +64,9 @@ class GGNHutchinsonEstimator(ProbeEstimator):
         return base, product, 0, info
 
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
-        result = super().estimate(objective, known_ggn)
+        result = super().estimate(objective)
         info = result.info
         if "ggn_diagonal_seconds" in info:
             info["ggn_diagonal_hvp_equivalents"] = (

@@ -2,7 +2,7 @@
 
 For Rademacher probes z (entries ±1, E z zᵀ = I), d̂ = z ⊙ (H z) is unbiased for
 d = diag H: E[zᵢ (Hz)ᵢ] = Σⱼ Hᵢⱼ E[zᵢzⱼ] = Hᵢᵢ. H z is accumulated over all measured
-data for the same z (:meth:`~hessdiag.objective.Objective.hvp`), and probes are
+data for the same z (:class:`~hessdiag.operators.HessianOperator`), and probes are
 processed ``chunk_size`` at a time (one data pass per chunk, vmapped over the chunk).
 
 The control-variate estimators share this module's probe loop: they split
@@ -47,20 +47,6 @@ def rademacher(generator: torch.Generator, num: int, size: int, dtype: torch.dty
     return (torch.stack(rows).to(dtype) * 2 - 1).to(device)
 
 
-def flat_product(objective: Objective, method: str = "hvp") -> FlatProduct:
-    """Wrap ``objective.hvp`` (or ``residual_vp``/``ggn_vp``) to act on flat [k, P] stacks.
-
-    One data pass per call; inside it the probes go through the vmapped product in chunks
-    of the objective's ``chunk_size``, which bounds the activation memory.
-    """
-    apply = getattr(objective, method)
-
-    def product(probes: Tensor) -> Tensor:
-        return objective.flatten(apply(objective.unflatten(probes)))
-
-    return product
-
-
 def run_probes(
     estimates: FlatProduct,
     stats: ProbeStatistics,
@@ -98,7 +84,8 @@ class ProbeEstimator(StochasticEstimator):
     Subclasses implement :meth:`prepare`, which may spend HVPs on a surrogate and returns
     (exact part b as flat [P] or ``None``, probe product, HVPs spent, info).
 
-    GGN split. Given ``known_ggn`` = g = diag(GGN), exact, the residual diagonal is
+    GGN split. Given g = diag(GGN), exact and known before probing
+    (``objective.ggn.known_diagonal``), the residual diagonal is
     d − g = (b − g) + r: the same probe estimates rᵢ with another known base, so
     :meth:`ProbeStatistics.statistics` with base b − g gives its unbiased squared norm
     and jackknife interval (``residual_statistics``) at no extra HVP.
@@ -117,14 +104,14 @@ class ProbeEstimator(StochasticEstimator):
 
     def prepare(
         self, objective: Objective, generator: torch.Generator, budget: int,
-        known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
-        """Return (b, product z ↦ R z on flat stacks, HVPs spent, info).
+        """Return (b, product z ↦ R z on flat stacks ``[k, P]``, HVPs spent, info).
 
-        ``known_ggn``: exact diag(GGN) as flat [P] when the caller has it (a subclass that
-        needs it uses it instead of computing it); ``None`` otherwise.
+        The product acts on the objective's curvature operators (here R = H:
+        ``objective.hessian.rows``); one data pass per call, the probes in chunks of the
+        objective's ``chunk_size``, which bounds the activation memory.
         """
-        return None, flat_product(objective, "hvp"), 0, {}
+        return None, objective.hessian.rows, 0, {}
 
     def sketch_budget(self, budget: int) -> int:
         """HVPs a subclass spends before probing, out of a total budget (default: none)."""
@@ -143,13 +130,14 @@ class ProbeEstimator(StochasticEstimator):
         return budget
 
     def estimate(
-        self, objective: Objective, known_ggn: dict[str, Tensor] | None = None
+        self, objective: Objective
     ) -> DiagonalEstimate:
         generator = torch.Generator().manual_seed(self.seed)
         start = time.perf_counter()
+        known_ggn = objective.ggn.known_diagonal  # before prepare(): a subclass may compute it
         ggn = None if known_ggn is None else objective.flatten(
             {k: known_ggn[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
-        base, product, spent, info = self.prepare(objective, generator, self.budget, ggn)
+        base, product, spent, info = self.prepare(objective, generator, self.budget)
         sizes = list(objective.numels.items())
         stats = ProbeStatistics(sizes, base, device=objective.device)
         num = objective.num_params

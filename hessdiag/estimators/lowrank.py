@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..objective import Objective
 from .base import require_positive_integers
-from .hutchinson import FlatProduct, ProbeEstimator, flat_product
+from .hutchinson import FlatProduct, ProbeEstimator
 
 SKETCH_FRACTION = 4
 """Sketch rank k = budget // SKETCH_FRACTION (capped by MAX_RANK): half of the HVPs go
@@ -95,10 +95,9 @@ class LowRankHutchinsonEstimator(ProbeEstimator):
 
     def prepare(
         self, objective: Objective, generator: torch.Generator, budget: int,
-        known_ggn: Tensor | None = None,
     ) -> tuple[Tensor | None, FlatProduct, int, dict[str, object]]:
         rank = self.rank(budget)
-        hvp = flat_product(objective, "hvp")
+        hvp = objective.hessian.rows
         omega = torch.randn(rank, objective.num_params, generator=generator,
                             dtype=torch.float64).to(objective.device, objective.dtype)
         surrogate = LowRankSurrogate.sketch(hvp, omega)

@@ -68,11 +68,12 @@ def runs(exact, request):
     """Per seed: the diagonal, and the norm and residual statistics of the total, for each
     allocation of draws to examples."""
     objective = tiny_objective()
+    objective.ggn.remember(exact["ggn_dict"], "reference")
     out = {"diagonal": [], "norm": [], "residual": [], "allocation": request.param}
     for seed in range(SEEDS):
         chosen = CurvpropEstimator(EstimatorOptions(samples=REPLICATES, seed=seed),
                                    allocation=request.param)
-        est = chosen.estimate(objective, known_ggn=exact["ggn_dict"])
+        est = chosen.estimate(objective)
         assert est.samples == REPLICATES
         out["diagonal"].append(flat(est.diagonal))
         out["norm"].append(est.norm_statistics["total"])
@@ -239,7 +240,9 @@ def test_the_known_ggn_replaces_the_computed_one_without_changing_the_draws(exac
     (the draws do not depend on whether the GGN passes ran)."""
     options = EstimatorOptions(samples=4, seed=3)
     computed = CurvpropEstimator(options).estimate(tiny_objective())
-    given = CurvpropEstimator(options).estimate(tiny_objective(), known_ggn=exact["ggn_dict"])
+    objective = tiny_objective()
+    objective.ggn.remember(exact["ggn_dict"], "reference")
+    given = CurvpropEstimator(options).estimate(objective)
     assert max_relative_error(computed.diagonal, given.diagonal) <= 1e-12
     assert computed.info["backward_passes"] > given.info["backward_passes"]
 

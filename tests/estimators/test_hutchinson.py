@@ -207,13 +207,13 @@ def test_cli_options_flow_through(tmp_path, capsys):
 def test_models_without_forward_mode_ad(tiny_classification, monkeypatch):
     # hutchinson falls back to double backward (warning once); hutchinson-ggn, whose fused
     # residual product has no such route, stops with a one-line user error.
-    from hessdiag.objective import Objective
+    from hessdiag.operators import HessianOperator, ResidualOperator
 
     def broken(self, *args):
         raise NotImplementedError("Trying to use forward AD with aten::foo that does not support it")
 
-    monkeypatch.setattr(Objective, "_func_hvp", broken)
-    monkeypatch.setattr(Objective, "_batch_residual_vp", broken)
+    monkeypatch.setattr(HessianOperator, "_func_product", broken)
+    monkeypatch.setattr(ResidualOperator, "batch_product", broken)
     model = tiny_mlp()
     x, y = tiny_classification
     with pytest.warns(RuntimeWarning, match="falling back to double backward"):
