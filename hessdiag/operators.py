@@ -230,6 +230,11 @@ class GGNOperator(_ForwardModeOperator):
         assert self._diagonal is not None
         return self._diagonal
 
+    def flat(self, diagonal: ParamDict) -> Tensor:
+        """A diagonal ``{name: Tensor}`` as one flat ``[P]`` vector in the objective's dtype."""
+        objective = self.objective
+        return objective.flatten({k: diagonal[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
+
     def remember(self, diagonal: ParamDict, method: str) -> None:
         """Keep an exact diag G that was computed elsewhere (``method`` says how)."""
         self._diagonal, self.diagonal_method = diagonal, method

@@ -38,8 +38,8 @@ class DiagonalEstimate:
         norm_statistics: per block name and ``"total"``; ``None`` for exact estimators,
             whose norms follow from ``diagonal`` with a zero-width interval.
         residual_statistics: like ``norm_statistics`` for the residual d − diag(GGN),
-            from the same probes; only when a stochastic estimator was given
-            ``known_ggn`` (``None`` otherwise: exact residuals need no statistics).
+            from the same probes; only when the exact diag(GGN) was known before probing
+            (``None`` otherwise: exact residuals need no statistics).
     """
 
     diagonal: dict[str, Tensor]

@@ -217,7 +217,7 @@ def test_json_is_replaced_only_by_a_complete_new_document(native, tmp_path, monk
     out.write_text('{"old": true}\n')
     original = ExactEstimator.estimate
 
-    def crash(self, objective, known_ggn=None):
+    def crash(self, objective):
         next(objective.batches())  # the data pass has begun
         raise RuntimeError("simulated crash mid-measurement")
 

@@ -102,11 +102,8 @@ class CurvpropEstimator(StochasticEstimator):
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed)
         sizes = list(objective.numels.items())
-        ggn: Tensor | None = None
         known_ggn = objective.ggn.known_diagonal
-        if known_ggn is not None:
-            ggn = objective.flatten({k: known_ggn[k].to(objective.dtype).unsqueeze(0)
-                                     for k in objective.numels})[0]
+        ggn: Tensor | None = None if known_ggn is None else objective.ggn.flat(known_ggn)
         mode = "none" if ggn is not None else self._ggn_mode(objective)
         monte_carlo = mode == "mc"
         stats: ProbeStatistics | None = None

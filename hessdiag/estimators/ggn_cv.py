@@ -45,8 +45,7 @@ class GGNHutchinsonEstimator(ProbeEstimator):
             start = time.perf_counter()
             objective.ggn.diagonal()
             info["ggn_diagonal_seconds"] = time.perf_counter() - start
-        ggn = objective.ggn.diagonal()
-        base = objective.flatten({k: ggn[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
+        base = objective.ggn.flat(objective.ggn.diagonal())
         residual = objective.residual.rows
 
         def product(probes: Tensor) -> Tensor:

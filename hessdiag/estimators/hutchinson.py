@@ -135,8 +135,7 @@ class ProbeEstimator(StochasticEstimator):
         generator = torch.Generator().manual_seed(self.seed)
         start = time.perf_counter()
         known_ggn = objective.ggn.known_diagonal  # before prepare(): a subclass may compute it
-        ggn = None if known_ggn is None else objective.flatten(
-            {k: known_ggn[k].to(objective.dtype).unsqueeze(0) for k in objective.numels})[0]
+        ggn = None if known_ggn is None else objective.ggn.flat(known_ggn)
         base, product, spent, info = self.prepare(objective, generator, self.budget)
         sizes = list(objective.numels.items())
         stats = ProbeStatistics(sizes, base, device=objective.device)

@@ -35,7 +35,7 @@ class ViaExact(Estimator):
         self.max_params = max_params
         self.factor = factor
 
-    def estimate(self, objective, known_ggn=None):
+    def estimate(self, objective):
         inner = ExactEstimator(analytic=False, structural=False, max_params=self.max_params)
         found = inner.estimate(objective)
         return DiagonalEstimate({k: self.factor * v for k, v in found.diagonal.items()},
@@ -195,7 +195,7 @@ def test_duplicate_names_are_refused_unless_replaced(registered):
         register_estimator("thing", dict)
 
     class NoKind(Estimator):
-        def estimate(self, objective, known_ggn=None):
+        def estimate(self, objective):
             raise AssertionError
 
     with pytest.raises(EstimatorError, match="exact = True"):
@@ -210,7 +210,7 @@ from hessdiag.estimators import DiagonalEstimate, Estimator, ExactEstimator
 class Plugged(Estimator):
     exact = True
 
-    def estimate(self, objective, known_ggn=None):
+    def estimate(self, objective):
         return ExactEstimator().estimate(objective)
 '''
 
