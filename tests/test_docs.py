@@ -119,3 +119,29 @@ def test_abridged_outputs_compare_head_and_tail():
 def test_regenerating_with_the_documented_outputs_leaves_the_doc_unchanged():
     outputs = {e.line: [line for line in e.output if line != "..."] for e in EXAMPLES}
     assert doc_examples.regenerate(DOC, outputs) == DOC
+
+
+def test_every_reference_to_the_docs_points_inside_the_repository():
+    """Code, README and docs cite ``docs/NAME.md`` and often a section (``docs/NAME.md,
+    "Section"``): each cited file exists and each cited section is one of its headings
+    (or a paragraph's bold title),
+    so a reader can follow every reference without anything outside the repository."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "README.md", *sorted((root / "docs").glob("*.md")),
+               *sorted((root / "hessdiag").rglob("*.py")), *sorted((root / "benchmarks").glob("*.py"))]
+    cited, broken = 0, []
+    for source in sources:
+        text = " ".join(source.read_text().split())  # a reference may wrap over lines
+        for name, section in re.findall(r"docs/([\w/]+\.md)(?:\)?,? \"([^\"]+)\")?", text):
+            target = root / "docs" / name
+            cited += 1
+            if not target.exists():
+                broken.append(f"{source.name} cites docs/{name}, which does not exist")
+            elif section:
+                # headings, and the bold run-in titles of paragraphs ("**HVP route.** ...")
+                headings = re.findall(r"^(?:#+ (.+)$|\*\*([^*]+?)\.?\*\*)", target.read_text(), flags=re.M)
+                headings = [a or b for a, b in headings]
+                if not any(section.strip("`") in heading.strip("`") for heading in headings):
+                    broken.append(f"{source.name} cites {section!r} of docs/{name}, which has no such heading")
+    assert not broken, "\n".join(broken)
+    assert cited > 100  # the pattern still finds the references
