@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .compat import (double_backward_unsupported_reason, func_unsupported_reason, quiet_jit_deprecation,
                      twice_differentiable)
+from .distributed import SINGLE, World
 from .errors import HessdiagError
 from .selection import ParamSpec, select_parameters
 
@@ -129,9 +130,14 @@ class BatchSource:
     Accepts an ``(x, y)`` pair of tensors (split into ``batch_size`` chunks), a
     ``DataLoader`` or any re-iterable of batches, or a one-shot iterator (materialized
     once, since every estimator passes over the data several times).
+
+    With a ``world`` of several ranks it yields this rank's shard only
+    (:mod:`hessdiag.distributed`): a contiguous slice of the examples of a tensor pair, or
+    every K-th batch of any other source.
     """
 
-    def __init__(self, data: object, batch_size: int | None = 256) -> None:
+    def __init__(self, data: object, batch_size: int | None = 256, world: World = SINGLE) -> None:
+        self.world = world
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, Tensor) for t in data
         ):
@@ -145,10 +151,14 @@ class BatchSource:
             size = x.shape[0] if batch_size is None else int(batch_size)
             if size < 1:
                 raise ObjectiveError(f"batch size must be positive, got {batch_size}")
+            shard = world.shard(x.shape[0])
+            x, y = x[shard], y[shard]
+            self._sharded = True  # the examples are split already; every batch is this rank's
             self._batches: Iterable[Batch] = [
                 (x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)
             ]
         elif isinstance(data, Iterable):
+            self._sharded = not world.distributed
             self._batches = list(data) if iter(data) is data else data  # type: ignore[arg-type]
         else:
             raise ObjectiveError(
@@ -156,13 +166,16 @@ class BatchSource:
             )
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self._batches:
+        for index, batch in enumerate(self._batches):
+            if not (self._sharded or self.world.owns_batch(index)):
+                continue
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                 raise ObjectiveError("each batch must be an (x, y) pair")
             yield batch[0], batch[1]
 
     def __len__(self) -> int:
-        return len(self._batches)  # type: ignore[arg-type]
+        total = len(self._batches)  # type: ignore[arg-type]
+        return total if self._sharded else len(range(self.world.rank, total, self.world.size))
 
 
 class Objective:
@@ -188,6 +201,9 @@ class Objective:
             ``requires_grad=True``. The others are constants, so every estimator sees the
             principal sub-block of the Hessian for the selection. ``selection`` records it
             (``None`` by default).
+        world: the ranks measuring together (:mod:`hessdiag.distributed`); this rank's
+            passes cover its shard of the data, and :meth:`mean_over_examples` adds the
+            shards. Default: one process.
 
     Every forward pass runs under :func:`hessdiag.compat.twice_differentiable`, so that
     Hardswish, fused attention and RNN kernels can be differentiated twice.
@@ -205,6 +221,7 @@ class Objective:
         chunk_size: int = 32,
         hvp_route: str = "auto",
         params: ParamSpec | None = None,
+        world: World = SINGLE,
     ) -> None:
         if loss not in LOSSES:
             raise ObjectiveError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -224,7 +241,8 @@ class Objective:
         self.model = model
         self.loss = loss
         self.chunk_size = max(1, int(chunk_size))
-        self.data = BatchSource(data, batch_size)
+        self.world = world
+        self.data = BatchSource(data, batch_size, world)
         self.params: ParamDict = {
             n: p.detach().to(self.device, self.dtype).clone() for n, p in trainable
         }
@@ -238,7 +256,8 @@ class Objective:
         self.hvp_route = hvp_route
         self.hvp_route_used: str | None = None  # "func" or "autograd" once a product ran
         self.hvp_fallback: str | None = None  # why "auto" switched to "autograd"
-        self.num_examples: int | None = None  # known after the first pass
+        self.num_examples: int | None = None  # N over all ranks; known after the first pass
+        self.shard_examples: int | None = None  # this rank's share of N
 
     # -- data ---------------------------------------------------------------------------
 
@@ -247,7 +266,8 @@ class Objective:
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """Yield ``(x, y, n_b)`` on the compute device/dtype, counting N as it goes."""
+        """Yield this rank's ``(x, y, n_b)`` on the compute device/dtype, counting them as it
+        goes (N itself on one process; see :meth:`count_examples` for several)."""
         count = 0
         for x, y in self.data:
             n = int(x.shape[0])
@@ -256,12 +276,43 @@ class Objective:
             count += n
             yield self._cast(x), y.to(self.device), n
         if count == 0:
+            if self.world.distributed:
+                raise ObjectiveError(f"rank {self.world.rank} of {self.world.size} has no examples to "
+                                     "measure: the data have fewer examples (or batches) than ranks")
             raise ObjectiveError("the data are empty")
-        if self.num_examples is not None and self.num_examples != count:
+        if self.shard_examples is not None and self.shard_examples != count:
             raise ObjectiveError(
-                f"the data changed between passes ({self.num_examples} then {count} examples)"
+                f"the data changed between passes ({self.shard_examples} then {count} examples)"
             )
-        self.num_examples = count
+        self.shard_examples = count
+        if not self.world.distributed:
+            self.num_examples = count
+
+    def count_examples(self) -> list[int]:
+        """The examples of every rank's shard, in rank order, after one pass over this
+        rank's; sets :attr:`num_examples` to their sum. A collective on several ranks."""
+        if self.shard_examples is None:
+            for _ in self.batches():
+                pass
+        assert self.shard_examples is not None  # counted by the pass above
+        counts = self.world.agree(None, count=self.shard_examples)
+        self.num_examples = sum(counts)
+        return counts
+
+    def mean_over_examples(self, *sums: ParamDict) -> None:
+        """Turn sums over this rank's examples into means over all N examples, in place.
+
+        Every rank's sums are added (an all-reduce on several ranks, a no-op on one), then
+        divided by N: what docs/index.md, "What is measured", averages. Call it on every
+        rank at the same point, after a full pass.
+        """
+        self.world.all_reduce_(t for part in sums for t in part.values())
+        if self.num_examples is None:
+            self.count_examples()
+        assert self.num_examples is not None  # counted by the pass above
+        for part in sums:
+            for tensor in part.values():
+                tensor.div_(self.num_examples)
 
     # -- functional loss ----------------------------------------------------------------
 
@@ -290,11 +341,12 @@ class Objective:
 
     def loss_value(self) -> float:
         """L(θ) over all measured data."""
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with evaluation_mode(self.model), torch.no_grad():
             for x, y, n in self.batches():
-                total += n * float(self.batch_loss(self.params, x, y))
-        return total / self.num_examples  # type: ignore[operator]
+                total += n * self.batch_loss(self.params, x, y).double()
+        self.mean_over_examples({"loss": total})
+        return float(total)
 
     # -- Hessian-vector products --------------------------------------------------------
 
@@ -325,9 +377,7 @@ class Objective:
                     product = batch_product(chunk, x, y)
                     for k in out:
                         out[k][start : start + step].add_(product[k], alpha=n)
-        assert self.num_examples is not None  # counted by the pass above
-        for k in out:
-            out[k].div_(self.num_examples)
+        self.mean_over_examples(out)
         return out
 
     def batch_hvp(self, chunk: ParamDict, x: Tensor, y: Tensor) -> ParamDict:
@@ -491,8 +541,8 @@ class Objective:
                                              y[start : start + examples_per_chunk])
                     for k in total:
                         total[k].add_(part[k].sum(0))
-        assert self.num_examples is not None  # counted by the pass above
-        return {k: v / self.num_examples for k, v in total.items()}
+        self.mean_over_examples(total)
+        return total
 
     # -- stateful copies for libraries that need a module -------------------------------
 

@@ -130,6 +130,8 @@ class Result:
 
     ``params``: the parameter selection as given (patterns, names; ``None``: every
     parameter with ``requires_grad=True``); ``num_params`` and the norms refer to it.
+    ``world_size``: the ranks that measured together (1: one process; docs/scaling.md) and
+    ``examples_per_rank`` the examples of each rank's shard, summing to ``num_examples``.
     ``diagonal`` (``{name: Tensor}``, with ``split_ggn`` also ``ggn_diagonal`` and
     ``residual_diagonal``) is kept only on request (``measure(..., keep_diagonal=True)``),
     else ``None``; it is never part of the JSON document.
@@ -167,6 +169,8 @@ class Result:
     residual_sq_norm_ci95: tuple[float, float] | None = None
     rtol_budget: RtolBudget | None = None
     params: list[str] | None = None
+    world_size: int = 1
+    examples_per_rank: list[int] | None = None
     diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -349,6 +353,8 @@ class Result:
             "params": None if self.params is None else list(self.params),
             "num_params": self.num_params,
             "num_examples": self.num_examples,
+            "world_size": self.world_size,
+            "examples_per_rank": None if self.examples_per_rank is None else list(self.examples_per_rank),
             "dtype": self.dtype,
             "normalized_norm": self.normalized_norm,
             "norm": self.norm,
@@ -424,7 +430,15 @@ class Result:
         if self.naive_normalized_norm is not None:
             extra += f"  naive={self.naive_normalized_norm:.6g}"
         chosen = [f"chosen by auto: {self.selection}"] if self.selection else []
-        return "\n".join(lines + [extra] + chosen + self._legend() + self._extras_lines())
+        return "\n".join(lines + [extra] + chosen + self._ranks() + self._legend() + self._extras_lines())
+
+    def _ranks(self) -> list[str]:
+        """``ranks=2  examples per rank: 899, 898`` after a distributed run; nothing otherwise."""
+        if self.world_size == 1:
+            return []
+        shares = "" if self.examples_per_rank is None else \
+            f"  examples per rank: {', '.join(f'{n:,}' for n in self.examples_per_rank)}"
+        return [f"ranks={self.world_size}{shares}"]
 
     def _selection(self) -> str:
         """``params=layer4.*,fc.bias  `` for a parameter selection, or nothing."""

@@ -179,7 +179,8 @@ class ExactEstimator(Estimator):
         except (RuntimeError, NotImplementedError):
             return None
         examples, _ = _num_examples(objective)
-        return HVP_GRADIENTS * objective.num_params * examples * per_example
+        # Ranks measuring together split the examples (docs/scaling.md).
+        return HVP_GRADIENTS * objective.num_params * examples * per_example / objective.world.size
 
 
 def _num_examples(objective: Objective) -> tuple[int, str]:
