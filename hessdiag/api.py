@@ -166,13 +166,15 @@ def measure(
 
 def _options_text(estimator: Estimator, **options: object) -> str:
     """The options every rank must share, as text (the estimator's own simple attributes)."""
-    own = {k: v for k, v in sorted(vars(estimator).items()) if isinstance(v, (int, float, str, bool, type(None)))}
+    own = {k: v for k, v in sorted(getattr(estimator, "__dict__", {}).items())
+           if isinstance(v, (int, float, str, bool, type(None)))}
     return f"{estimator.name} {own} {sorted(options.items())}"
 
 
 def _prepare(
     world: World, model: nn.Module, data: object, loss: str, estimator: str | Estimator,
     estimator_options: dict[str, Any], objective_options: dict[str, Any], extras: str | Iterable[str] | None,
+    split_ggn: bool,
 ) -> tuple[Estimator, Objective, list[int]]:
     """Every check that runs before any Hessian-vector product, and the objective.
 
@@ -185,6 +187,9 @@ def _prepare(
     fingerprint_values = [0.0] * FINGERPRINT_SIZE
     try:
         chosen = resolve_estimator(estimator, estimator_options)
+        if world.distributed and not chosen.supports_distributed:
+            raise DistributedError(f"estimator {chosen.name!r} does not run on several processes (its class "
+                                   "does not set supports_distributed = True); measure it in one process")
         check_device(objective_options["device"])
         if parse_extras(extras) and world.distributed:  # reject a bad request before any work
             raise DistributedError("extras (PyHessian's trace and top eigenvalue) do not run distributed; "
@@ -192,8 +197,12 @@ def _prepare(
         objective = Objective(model, data, loss, world=world, **objective_options)
         with twice_differentiable():
             validate_objective(objective)
-        fingerprint_values = fingerprint(objective.params, _options_text(
-            chosen, loss=loss, extras=extras, dtype=str(objective.dtype), **estimator_options))
+        if world.distributed:
+            # Everything that decides which collectives run, and the numbers they add.
+            shared = {k: v for k, v in objective_options.items() if k not in ("device", "params")}
+            fingerprint_values = fingerprint(objective.params, _options_text(
+                chosen, loss=loss, extras=extras, split_ggn=split_ggn, selection=objective.selection,
+                **shared, **estimator_options), objective.data.checksum)
     except Exception as err:  # noqa: BLE001 - reported to every rank, then raised everywhere
         if not world.distributed:
             raise
@@ -217,7 +226,7 @@ def _measure(
         dict(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed, max_params=max_params, force=force),
         dict(dtype=resolve_dtype(dtype), device=device, batch_size=batch_size, chunk_size=chunk_size,
              hvp_route=hvp_route, params=params),
-        extras)
+        extras, split_ggn)
     # The seed of extras: the one given, else the estimator's own (the same by name).
     seed = seed if seed is not None else getattr(chosen, "seed", EstimatorOptions.seed)
     with twice_differentiable():

@@ -44,7 +44,7 @@ DEFAULT_TIMEOUT_SECONDS = 1800.0
 collectives a rank makes one pass over its shard for one chunk of probes, so this must
 exceed the longest such pass; a rank that died is noticed sooner by gloo."""
 
-FINGERPRINT_SIZE = 4
+FINGERPRINT_SIZE = 5
 """Numbers in a :func:`fingerprint`."""
 
 MESSAGE_BYTES = 512
@@ -167,8 +167,8 @@ class World:
         for rank, r in enumerate(rows[1:], start=1):
             if not torch.allclose(r[3 : 3 + len(fingerprint)], reference, rtol=1e-9, atol=0.0):
                 raise DistributedError(
-                    f"rank {rank} of {self.size} measures a different model or options than rank 0 "
-                    "(every rank must load the same checkpoint and pass the same arguments)",
+                    f"rank {rank} of {self.size} measures a different model, data or options than rank 0 "
+                    "(every rank must load the same checkpoint and data and pass the same arguments)",
                     shared=True)
         return [int(r[1]) for r in rows]
 
@@ -177,14 +177,16 @@ SINGLE = World()
 """The world of a single-process run."""
 
 
-def fingerprint(params: dict[str, Tensor], options: str) -> list[float]:
-    """Numbers equal on ranks that measure the same parameters with the same options:
-    a CRC of ``options``, the parameter count and two checksums of the values."""
+def fingerprint(params: dict[str, Tensor], options: str, data_checksum: float | None = None) -> list[float]:
+    """Numbers equal on ranks that measure the same parameters with the same options (and
+    data, where a checksum of them is at hand): a CRC of ``options``, the parameter count,
+    two checksums of the values and ``data_checksum`` (0 for ``None``)."""
     total = sum((p.detach().double().sum() for p in params.values()), torch.zeros((), dtype=torch.float64))
     absolute = sum((p.detach().double().abs().sum() for p in params.values()),
                    torch.zeros((), dtype=torch.float64))
     count = sum(p.numel() for p in params.values())
-    return [float(zlib.crc32(options.encode())), float(count), float(total), float(absolute)]
+    return [float(zlib.crc32(options.encode())), float(count), float(total), float(absolute),
+            data_checksum or 0.0]
 
 
 # -- joining a process group -------------------------------------------------------------

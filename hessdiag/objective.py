@@ -138,6 +138,7 @@ class BatchSource:
 
     def __init__(self, data: object, batch_size: int | None = 256, world: World = SINGLE) -> None:
         self.world = world
+        self.checksum: float | None
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, Tensor) for t in data
         ):
@@ -151,6 +152,8 @@ class BatchSource:
             size = x.shape[0] if batch_size is None else int(batch_size)
             if size < 1:
                 raise ObjectiveError(f"batch size must be positive, got {batch_size}")
+            # Ranks must hold the same data before taking their shards: this sum says so.
+            self.checksum = float(x.double().sum()) + float(y.double().sum()) if world.distributed else None
             shard = world.shard(x.shape[0])
             x, y = x[shard], y[shard]
             self._sharded = True  # the examples are split already; every batch is this rank's
@@ -158,6 +161,7 @@ class BatchSource:
                 (x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)
             ]
         elif isinstance(data, Iterable):
+            self.checksum = None  # a loader's batches are not all at hand
             self._sharded = not world.distributed
             self._batches = list(data) if iter(data) is data else data  # type: ignore[arg-type]
         else:

@@ -62,10 +62,37 @@ def cases() -> dict[str, dict[str, Any]]:
     }
 
 
+def refusals() -> dict[str, str]:
+    """What each rank of a refused measurement raises (name → message)."""
+    import hessdiag
+    from hessdiag.errors import HessdiagError
+    from hessdiag.estimators import DiagonalEstimate, Estimator
+
+    class Plugin(Estimator):  # an estimator defined elsewhere, not declared distributed-safe
+        name = "plugin"
+        exact = True
+
+        def estimate(self, objective, known_ggn=None):
+            return DiagonalEstimate({k: v.zero_() for k, v in objective.params.items()}, hvps=0)
+
+    model, (x, y) = problem()
+    other = (x + (os.environ.get("RANK") == "1"), y)  # rank 1 holds other inputs
+    attempts = {"other-data": dict(data=other), "extras": dict(extras="trace"), "plugin": dict(estimator=Plugin())}
+    messages = {}
+    for name, options in attempts.items():
+        options = {"data": (x, y), **options}
+        try:
+            hessdiag.measure(model, options.pop("data"), "ce", **options)
+            messages[name] = "no error"
+        except HessdiagError as err:
+            messages[name] = f"{type(err).__name__}: {err}"
+    return messages
+
+
 def run_cases(out: str) -> None:
     import hessdiag
 
-    results = {}
+    results: dict[str, Any] = {"refusals": refusals()}
     for name, options in cases().items():
         options = dict(options)
         model, data = problem(relu=options.pop("model", None) == "relu")

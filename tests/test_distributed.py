@@ -90,6 +90,16 @@ def test_result_records_world_size_and_shards(two_rank_results, one_process_resu
     assert single["world_size"] == 1 and single["examples_per_rank"] == [37]
 
 
+@pytest.mark.parametrize("case, message", [
+    ("other-data", "rank 1 of 2 measures a different model, data or options than rank 0"),
+    ("extras", "extras (PyHessian's trace and top eigenvalue) do not run distributed"),
+    ("plugin", "estimator 'plugin' does not run on several processes"),
+])
+def test_refused_on_every_rank_before_any_product(case, message, two_rank_results):
+    assert two_rank_results["refusals"][case].startswith("DistributedError: ")
+    assert message in two_rank_results["refusals"][case]
+
+
 def test_cli_under_two_ranks_matches_one_process_and_stops_on_bad_input(tmp_path, capsys):
     checkpoint = tmp_path / "small.pt"
     write_digits_checkpoint(checkpoint)

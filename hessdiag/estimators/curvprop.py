@@ -73,6 +73,7 @@ class CurvpropEstimator(StochasticEstimator):
     """
 
     name = "curvprop"
+    supports_distributed = True
 
     allocation: str = "proportional"
     ggn: str = "auto"

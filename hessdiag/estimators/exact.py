@@ -85,6 +85,7 @@ class ExactEstimator(Estimator):
 
     name = "exact"
     exact = True
+    supports_distributed = True
 
     analytic: bool = True
     structural: bool = True
