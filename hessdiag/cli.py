@@ -211,7 +211,8 @@ def _report_unresolved(result: Result) -> None:
 def _measure(args: argparse.Namespace) -> int:
     from .distributed import joined_world
 
-    with joined_world(args.distributed, args.device, args.dist_timeout) as (world, device):
+    with joined_world(args.distributed, args.device, args.dist_timeout) as (world, device), \
+            warnings.catch_warnings():
         if world.rank != 0:  # rank 0 reports for all; the others stay silent
             warnings.simplefilter("ignore")
         return _measure_on_rank(args, world, device)
