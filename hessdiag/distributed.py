@@ -227,23 +227,24 @@ def _existing_world(device: torch.device | str | None) -> World | None:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     size, rank = dist.get_world_size(), dist.get_rank()
-    where = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        where = torch.device(device) if device is not None and torch.device(device).type == "cuda" \
-            else torch.device("cuda", torch.cuda.current_device())
-    return World(rank, size, where)
+    if dist.get_backend() != "nccl":
+        return World(rank, size)
+    if device is not None and torch.device(device).type != "cuda":
+        raise DistributedError(f"rank {rank}: an nccl process group reduces GPU tensors; measure on a cuda "
+                               f"device, not {device}")
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    return World(rank, size, _rank_gpu(device or "cuda", rank, torch.cuda.current_device() if local is None
+                                       else int(local)))
 
 
-def _check_device(device: torch.device | str | None, env: LaunchEnvironment) -> torch.device | None:
-    """The compute device of this rank: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
-    if device is None:
-        return None
+def _rank_gpu(device: torch.device | str, rank: int, local_rank: int) -> torch.device:
+    """The compute device of this rank: ``cuda`` (no index) becomes ``cuda:local_rank``."""
     where = torch.device(device)
     if where.type == "cuda" and where.index is None:
-        if env.local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"rank {env.rank}: LOCAL_RANK {env.local_rank} but only "
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"rank {rank}: local rank {local_rank} but only "
                                    f"{torch.cuda.device_count()} GPU(s) visible")
-        return torch.device("cuda", env.local_rank)
+        return torch.device("cuda", local_rank)
     return where
 
 
@@ -300,8 +301,7 @@ def joined_world(
         raise HessdiagError(f"distributed must be True, False or None, got {distributed!r}")
     existing = _existing_world(device)
     if existing is not None:
-        yield existing, (existing.device if existing.device.type == "cuda" and
-                         (device is None or torch.device(device).index is None) else device)
+        yield existing, existing.device if existing.device.type == "cuda" else device
         return
     env = launch_environment(slurm=bool(distributed))
     if env is None or env.size <= 1:
@@ -317,7 +317,7 @@ def joined_world(
         if name not in os.environ:
             raise DistributedError(f"{env.launcher} started {env.size} ranks but {name} is not set "
                                    "(docs/scaling.md: the address and port of rank 0)")
-    compute = _check_device(device, env)
+    compute = None if device is None else _rank_gpu(device, env.rank, env.local_rank)
     gpu = compute is not None and compute.type == "cuda"
     seconds = DEFAULT_TIMEOUT_SECONDS if timeout is None else float(timeout)
     if not (seconds > 0 and math.isfinite(seconds)):

@@ -169,3 +169,19 @@ def test_joined_world_outside_a_launcher(monkeypatch):
     with pytest.raises(DistributedError, match="MASTER_ADDR is not set"):
         with joined_world():
             pass
+
+
+def test_a_callers_process_group_is_used_and_left_alone(tmp_path, tiny_classification):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with joined_world() as (world, device):
+            assert (world.rank, world.size, world.distributed, device) == (0, 1, False, None)
+        model, _ = worker.problem()
+        x, y = tiny_classification
+        result = hessdiag.measure(model.float()[:1], (x[:, :5], y), "ce", estimator="exact")
+        assert result.world_size == 1 and result.examples_per_rank == [20]
+        assert dist.is_initialized()  # the caller's group outlives the call
+    finally:
+        dist.destroy_process_group()
