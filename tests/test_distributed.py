@@ -131,7 +131,7 @@ def test_rank_failing_mid_run_stops_every_rank_with_exit_2(two_ranks):
     assert "rank 0: stopped because another rank failed" in ranks[0].stderr
     # gloo notices the closed connection: no waiting for the 60 s timeout.
     seconds = [float(r.stderr.split("failed after ")[1].split()[0]) for r in ranks]
-    assert max(seconds) < 20
+    assert max(seconds) < 30
 
 
 def test_shards_cover_every_example_once():
