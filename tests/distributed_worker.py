@@ -9,6 +9,8 @@ starts its workers, on one CPU thread each:
   one more measurement in which rank 1's data lose batches after the first passes, so
   that rank 1 fails in the middle of it (:func:`run_flaky`; its exit code is the process's).
   One process does both because starting one costs several seconds (importing torch).
+- ``python -m tests.distributed_worker stall``: rank 1 stops answering for a while in the
+  middle of a measurement whose collectives time out after 3 s (:func:`run_stalled`).
 - ``python -m hessdiag ...``: the command line itself.
 """
 
@@ -105,18 +107,23 @@ def run_cases(out: str) -> None:
 
 
 class Flaky:
-    """Batches that lose their last one on rank 1 after ``stable`` passes."""
+    """Batches that, on rank 1 after ``stable`` passes, lose their last two (``stall=0``) or
+    arrive only after ``stall`` seconds."""
 
-    def __init__(self, data: list[tuple[torch.Tensor, torch.Tensor]], stable: int) -> None:
-        self.data, self.stable, self.passes = data, stable, 0
+    def __init__(self, data: list[tuple[torch.Tensor, torch.Tensor]], stable: int, stall: float = 0.0) -> None:
+        self.data, self.stable, self.passes, self.stall = data, stable, 0, stall
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.passes += 1
-        shrink = os.environ.get("RANK") == "1" and self.passes > self.stable
-        return iter(self.data[:-2] if shrink else self.data)
+        if os.environ.get("RANK") != "1" or self.passes <= self.stable:
+            return iter(self.data)
+        if self.stall:
+            time.sleep(self.stall)
+            return iter(self.data)
+        return iter(self.data[:-2])
 
 
-def run_flaky() -> int:
+def run_flaky(stall: float = 0.0, timeout: float = 60.0) -> int:
     """Exit code 2 and one line on stderr, as the command line reports an error, and the
     seconds from the start of the measurement to the error."""
     import hessdiag
@@ -125,8 +132,8 @@ def run_flaky() -> int:
     model, data = problem()
     start = time.perf_counter()
     try:
-        hessdiag.measure(model, Flaky(batches(data), 3), "ce", estimator="hutchinson-plain", samples=64,
-                         dtype="float64", timeout=60)
+        hessdiag.measure(model, Flaky(batches(data), 3, stall), "ce", estimator="hutchinson-plain", samples=64,
+                         dtype="float64", timeout=timeout)
     except HessdiagError as err:
         print(f"hessdiag: error (rank {os.environ.get('RANK')}): {err}", file=sys.stderr)
         print(f"failed after {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -164,5 +171,14 @@ def launch(argv_per_rank: Sequence[Sequence[str]], timeout: float = 120.0) -> li
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if sys.argv[1] == "stall":
+        import warnings
+
+        import hessdiag
+
+        with warnings.catch_warnings():  # warm-up: torch.func's first use takes seconds
+            warnings.simplefilter("ignore")
+            hessdiag.measure(*problem(), "ce", estimator="hutchinson-plain", samples=3, distributed=False)
+        sys.exit(run_flaky(stall=8.0, timeout=3.0))
     run_cases(sys.argv[1])
     sys.exit(run_flaky())

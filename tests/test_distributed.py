@@ -185,3 +185,12 @@ def test_a_callers_process_group_is_used_and_left_alone(tmp_path, tiny_classific
         assert dist.is_initialized()  # the caller's group outlives the call
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_that_stops_answering_times_out_on_every_rank():
+    ranks = worker.launch([["-m", "tests.distributed_worker", "stall"]] * 2, timeout=90)
+    assert [r.returncode for r in ranks] == [2, 2], ranks[0].stderr[-2000:]
+    assert "did not answer within the timeout" in ranks[0].stderr
+    # Rank 0 gives up after the 3 s timeout, long before rank 1 answers (8 s).
+    seconds = float(ranks[0].stderr.split("failed after ")[1].split()[0])
+    assert 2.5 < seconds < 8
