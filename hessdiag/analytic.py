@@ -386,11 +386,9 @@ def _chunk_terms(
 
 
 def _divide_by_examples(objective: Objective, *diagonals: ParamDict) -> None:
-    """Turn sums over examples into the mean of docs/index.md, "What is measured", in place."""
-    assert objective.num_examples is not None  # counted by the caller's pass
-    for diagonal in diagonals:
-        for v in diagonal.values():
-            v.div_(objective.num_examples)
+    """Turn sums over examples into the mean of docs/index.md, "What is measured", in place
+    (the shards' sums added first when several ranks measure together)."""
+    objective.mean_over_examples(*diagonals)
 
 
 def mlp_decomposition(
@@ -496,6 +494,9 @@ def mlp_phi2_coefficients(
     :math:`\kappa^\theta_{b,m,k} = \tfrac1N c_b^2\, g^m_{b,k}\,(J^{m\leftarrow l}_{b,ki})^2`, so that
     ``diag(H)[θ] = ggn[θ] + Σ_m (kappa[m][θ] * phi2[m]).sum((-2, -1))``. Memory O(P · N · n_m).
     """
+    if objective.world.distributed:  # per-example values, not sums: nothing to add up
+        raise UnsupportedModelError("mlp_phi2_coefficients returns per-example coefficients; "
+                                    "run it in one process")
     structure = structure or mlp_structure(objective.model)
     weights, biases = _weights(structure, objective)
     names = set(objective.params)

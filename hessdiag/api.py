@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .assembly import assemble_result, probes_for_rtol
 from .compat import twice_differentiable
+from .distributed import FINGERPRINT_SIZE, DistributedError, World, fingerprint, joined_world
 from .errors import HessdiagError
 from .estimators import AutoEstimator, Estimator, EstimatorOptions, resolve_estimator, select_estimator
 from .estimators.curvprop import CurvpropEstimator
@@ -65,6 +66,8 @@ def measure(
     extras: str | Iterable[str] | None = None,
     keep_diagonal: bool = False,
     progress: Progress | None = None,
+    distributed: bool | None = None,
+    timeout: float | None = None,
 ) -> Result:
     """Measure diag(∇²L(θ)) of ``model`` on ``data`` and report its normalized norm.
 
@@ -123,7 +126,24 @@ def measure(
             ``residual_diagonal``). Off by default, so that a result holds norms only and
             not P numbers (36 M for a WideResNet); :func:`hessian_diagonal` turns it on.
         progress: called with the number of examples of each batch processed (over all
-            data passes), e.g. a tqdm bar's ``update``.
+            data passes; on several ranks, this rank's batches), e.g. a tqdm bar's ``update``.
+        distributed: measure data-parallel over the ranks of ``torch.distributed``
+            (docs/scaling.md): each rank takes a shard of ``data`` (a contiguous slice of a
+            tensor pair; every K-th batch of a loader, which must then yield the same
+            batches in the same order on every rank), all ranks draw the same probes and
+            add their partial sums, and every rank returns the single-process result up
+            to rounding, with ``world_size`` and ``examples_per_rank`` recorded. ``None``
+            (default): when the caller has initialized a process group of several ranks,
+            or runs under torchrun without one (a group is then created for this call and
+            destroyed after it: gloo for a CPU ``device``, nccl with one GPU per rank from
+            ``LOCAL_RANK`` for ``"cuda"``); ``True``: also from SLURM's variables (srun),
+            and an error outside any launcher; ``False``: one process regardless. Every rank
+            must pass the same model, options and data. ``extras`` do not run
+            distributed; the ``curvprop`` estimator draws per-example signs per rank, so
+            its numbers (not their distribution) depend on the number of ranks.
+        timeout: seconds a collective waits for the other ranks (default
+            :data:`hessdiag.distributed.DEFAULT_TIMEOUT_SECONDS`), for a process group this
+            call creates; a failing rank stops the others within it.
 
     Every forward pass runs under :func:`hessdiag.compat.twice_differentiable`, so that
     Hardswish/Hardsigmoid (MobileNetV3), fused attention (``nn.TransformerEncoder``, ViTs,
@@ -140,19 +160,86 @@ def measure(
 
     Raises:
         HessdiagError: bad input (see :mod:`hessdiag.validation`), checked before any
-            Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal.
+            Hessian-vector product; NonFiniteHessianError if NaN/Inf appear in the diagonal;
+            on several ranks, :class:`~hessdiag.distributed.DistributedError` on every rank
+            when any rank's input is bad or a rank stops.
     """
-    chosen = resolve_estimator(estimator, dict(samples=samples, rtol=rtol, max_samples=max_samples,
-                                               seed=seed, max_params=max_params, force=force))
+    with joined_world(distributed, device, timeout) as (world, device):
+        return _measure(world, model, data, loss, estimator, params=params, samples=samples, rtol=rtol,
+                        max_samples=max_samples, seed=seed, dtype=dtype, device=device,
+                        batch_size=batch_size, chunk_size=chunk_size, hvp_route=hvp_route,
+                        max_params=max_params, force=force, checkpoint=checkpoint, split_ggn=split_ggn,
+                        extras=extras, keep_diagonal=keep_diagonal, progress=progress)
+
+
+def _options_text(estimator: Estimator, **options: object) -> str:
+    """The options every rank must share, as text (the estimator's own simple attributes)."""
+    own = {k: v for k, v in sorted(getattr(estimator, "__dict__", {}).items())
+           if isinstance(v, (int, float, str, bool, type(None)))}
+    return f"{estimator.name} {own} {sorted(options.items())}"
+
+
+def _prepare(
+    world: World, model: nn.Module, data: object, loss: LossSpec, estimator: str | Estimator,
+    estimator_options: dict[str, Any], objective_options: dict[str, Any], extras: str | Iterable[str] | None,
+    split_ggn: bool,
+) -> tuple[Estimator, Objective, list[int]]:
+    """Every check that runs before any Hessian-vector product, and the objective.
+
+    On several ranks each rank checks its own shard, then :meth:`World.agree` makes every
+    rank's outcome known to all, so that bad input on one rank stops every rank with the
+    same message instead of leaving the others waiting in a collective. Returns the
+    estimator, the objective (N counted) and the examples of every rank.
+    """
+    failure: BaseException | None = None
+    fingerprint_values = [0.0] * FINGERPRINT_SIZE
+    try:
+        chosen = resolve_estimator(estimator, estimator_options)
+        if world.distributed and not chosen.supports_distributed:
+            raise DistributedError(f"estimator {chosen.name!r} does not run on several processes (its class "
+                                   "does not set supports_distributed = True); measure it in one process")
+        check_device(objective_options["device"])
+        if parse_extras(extras) and world.distributed:  # reject a bad request before any work
+            raise DistributedError("extras (PyHessian's trace and top eigenvalue) do not run distributed; "
+                                   "measure them in one process")
+        objective = Objective(model, data, loss, world=world, **objective_options)
+        with twice_differentiable():
+            validate_objective(objective)
+        if world.distributed:
+            # Everything that decides which collectives run, and the numbers they add.
+            shared = {k: v for k, v in objective_options.items() if k not in ("device", "params")}
+            fingerprint_values = fingerprint(objective.params, _options_text(
+                chosen, loss=objective.loss.describe(), extras=extras, split_ggn=split_ggn,
+                selection=objective.selection,
+                **shared, **estimator_options), objective.data.checksum)
+    except Exception as err:  # noqa: BLE001 - reported to every rank, then raised everywhere
+        if not world.distributed:
+            raise
+        failure = err
+    counts = world.agree(failure, fingerprint_values, count=0 if failure else objective.shard_examples or 0)
+    objective.num_examples = sum(counts)
+    objective.settle_loss_weights()  # adds the ranks' label weights (a collective)
+    return chosen, objective, counts
+
+
+def _measure(
+    world: World, model: nn.Module, data: object, loss: LossSpec, estimator: str | Estimator, *,
+    params: ParamSpec | None, samples: int | None, rtol: float | None, max_samples: int | None,
+    seed: int | None, dtype: torch.dtype | str | None, device: torch.device | str | None,
+    batch_size: int | None, chunk_size: int, hvp_route: str, max_params: int | None, force: bool | None,
+    checkpoint: str | None, split_ggn: bool, extras: str | Iterable[str] | None, keep_diagonal: bool,
+    progress: Progress | None,
+) -> Result:
+    """:func:`measure` on this rank of ``world``."""
+    chosen, objective, counts = _prepare(
+        world, model, data, loss, estimator,
+        dict(samples=samples, rtol=rtol, max_samples=max_samples, seed=seed, max_params=max_params, force=force),
+        dict(dtype=resolve_dtype(dtype), device=device, batch_size=batch_size, chunk_size=chunk_size,
+             hvp_route=hvp_route, params=params),
+        extras, split_ggn)
     # The seed of extras: the one given, else the estimator's own (the same by name).
     seed = seed if seed is not None else getattr(chosen, "seed", EstimatorOptions.seed)
-    check_device(device)
-    parse_extras(extras)  # reject a bad request before any work
-    objective = Objective(model, data, loss, dtype=resolve_dtype(dtype), device=device,
-                          batch_size=batch_size, chunk_size=chunk_size,
-                          hvp_route=hvp_route, params=params)
     with twice_differentiable():
-        validate_objective(objective)
         selection = None
         if isinstance(chosen, AutoEstimator):
             chosen, selection = select_estimator(objective, chosen)
@@ -187,6 +274,7 @@ def measure(
         hvp_route=objective.hvp_route_used,
         hvp_fallback=objective.hvp_fallback,
     )
+    result.world_size, result.examples_per_rank = world.size, counts
     if isinstance(chosen, (ProbeEstimator, CurvpropEstimator)):
         probes = probes_for_rtol(result, chosen.rtol)
         if probes is not None and isinstance(chosen, ProbeEstimator):
@@ -195,8 +283,8 @@ def measure(
         elif probes is not None:
             result.rtol_budget = RtolBudget(chosen.rtol, probes.probes, probes.at_least, "replicates")
     message = result.resolution_warning()
-    if message is not None:
-        warnings.warn(message, UnresolvedEstimateWarning, stacklevel=2)
+    if message is not None and world.rank == 0:  # the ranks' results are the same: warn once
+        warnings.warn(message, UnresolvedEstimateWarning, stacklevel=3)
     return result
 
 

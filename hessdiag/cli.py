@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .errors import HessdiagError, first_line
 
 if TYPE_CHECKING:
+    from .distributed import World
     from .result import Result
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -133,6 +134,12 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-diagonal", metavar="PATH",
                    help="write the diagonal, one tensor per parameter, to a .safetensors file atomically")
     p.add_argument("--quiet", action="store_true", help="print only the total; no progress bar")
+    p.add_argument("--distributed", action="store_true", default=None,
+                   help="measure data-parallel over the ranks of torchrun or srun (docs/scaling.md); "
+                        "under torchrun this is the default, srun's tasks join only with this flag")
+    p.add_argument("--dist-timeout", type=_positive_float, metavar="SECONDS",
+                   help="seconds a collective waits for the other ranks before every rank stops "
+                        "(default: 1800)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,31 +224,52 @@ def _report_unresolved(result: Result) -> None:
 
 
 def _measure(args: argparse.Namespace) -> int:
+    from .distributed import joined_world
+
+    with joined_world(args.distributed, args.device, args.dist_timeout) as (world, device), \
+            warnings.catch_warnings():
+        if world.rank != 0:  # rank 0 reports for all; the others stay silent
+            warnings.simplefilter("ignore")
+        return _measure_on_rank(args, world, device)
+
+
+def _measure_on_rank(args: argparse.Namespace, world: World, device: Any) -> int:
     from .io import load_checkpoint, load_data
     from .losses import resolve_loss
     from .output import check_outputs, write_diagonal, write_json, write_plot
     from .progress import progress_bar
 
-    check_outputs(args.json, args.plot, args.save_diagonal)  # before any work: a bad path wastes no run
-    model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
-                                  trust=args.trust_checkpoint)
-    spec = args.data or meta.get("data") or "digits"
-    loss = args.loss or meta.get("loss") or "ce"
-    if args.label_smoothing and loss != "ce":
-        raise HessdiagError(f"--label-smoothing applies to the ce loss, not {loss}")
-    data = load_data(spec, split=args.split, max_examples=args.max_examples)
+    failure: BaseException | None = None
+    try:
+        check_outputs(args.json, args.plot, args.save_diagonal)  # before any work: a bad path wastes no run
+        model, meta = load_checkpoint(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
+                                      trust=args.trust_checkpoint)
+        spec = args.data or meta.get("data") or "digits"
+        loss = args.loss or meta.get("loss") or "ce"
+        if args.label_smoothing and loss != "ce":
+            raise HessdiagError(f"--label-smoothing applies to the ce loss, not {loss}")
+        data = load_data(spec, split=args.split, max_examples=args.max_examples)
+    except Exception as err:  # noqa: BLE001 - every rank learns of it before any collective
+        if not world.distributed:
+            raise
+        failure = err
+    world.agree(failure)  # one rank that cannot load its input stops all of them
     terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    with progress_bar(enabled=terminal and not args.quiet) as progress:
+    with progress_bar(enabled=terminal and not args.quiet and world.rank == 0) as progress:
         result = _measure_reporting_later(
-            model, data, loss=resolve_loss(loss, label_smoothing=args.label_smoothing), estimator=args.estimator,
+            model, data, loss=resolve_loss(loss, label_smoothing=args.label_smoothing),
+            estimator=args.estimator,
             params=None if args.params is None else [p for group in args.params for p in group],
             samples=args.samples, rtol=args.rtol,
-            max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=args.device,
+            max_samples=args.max_samples, seed=args.seed, dtype=args.dtype, device=device,
             batch_size=args.batch_size, hvp_route=args.hvp_route,
             max_params=args.max_params, force=args.force,
             checkpoint=str(args.checkpoint), split_ggn=args.split_ggn,
             extras=args.extras, keep_diagonal=bool(args.save_diagonal), progress=progress,
+            distributed=world.distributed or None,
         )
+    if world.rank != 0:
+        return EXIT_OK
     print(result.total_text() if args.quiet else result.table())
     _report_unresolved(result)
     if args.json:
@@ -326,6 +354,31 @@ def _analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _launch_rank(slurm: bool = False) -> int:
+    """This process's rank in a launcher's world of several ranks (0 outside one)."""
+    from .distributed import launch_environment
+
+    try:
+        env = launch_environment(slurm=slurm)
+    except HessdiagError:
+        return 0
+    return env.rank if env is not None and env.size > 1 else 0
+
+
+def _rank_label() -> str:
+    """`` (rank 3)`` in a process that torchrun started as a rank other than 0, else nothing."""
+    rank = _launch_rank()
+    return f" (rank {rank})" if rank else ""
+
+
+def _reported_elsewhere(err: HessdiagError) -> bool:
+    """An error of a distributed run that rank 0 reports for every rank (the ranks agreed on
+    it, or this rank only stopped because another failed): the other ranks stay silent."""
+    from .distributed import DistributedError
+
+    return isinstance(err, DistributedError) and err.shared and _launch_rank(slurm=True) != 0
+
+
 COMMANDS = {"measure": _measure, "psi": _psi, "check": _check, "demo": _demo, "sweep": _sweep,
             "plot": _plot, "analyze": _analyze}
 
@@ -336,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HessdiagError as err:
-        print(f"hessdiag: error: {err}", file=sys.stderr)
+        if not _reported_elsewhere(err):
+            print(f"hessdiag: error{_rank_label()}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("hessdiag: interrupted", file=sys.stderr)

@@ -275,8 +275,8 @@ def tape_ggn_diagonal(objective: Objective) -> ParamDict:
         batch = TapedBatch(objective, x, y, sites=False)
         for name, value in batch.ggn_squares().items():
             total[name] += value
-    assert objective.num_examples is not None  # counted by the pass above
-    return {n: v / objective.num_examples for n, v in total.items()}
+    objective.mean_over_examples(total)
+    return total
 
 
 __all__ = ["ActivationSite", "TapeError", "TapedBatch", "tape_ggn_diagonal"]

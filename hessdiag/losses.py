@@ -101,10 +101,22 @@ class Loss:
         """The target as :meth:`per_example` consumes it."""
         return target
 
+    def weight_totals(self, targets: Iterable[Tensor]) -> Tensor | None:
+        """For a class-weighted loss, ``[count, Σ w_y]`` (float64) over ``targets`` (one tensor
+        per batch), which :meth:`rescaled` turns into the data set's normalization (module
+        docstring, "Class weights"); ``None`` for every other loss (``targets`` untouched).
+        Totals of several shards add up."""
+        return None
+
+    def rescaled(self, totals: Tensor) -> Loss:
+        """This loss normalized by the :meth:`weight_totals` of the whole data set."""
+        return self
+
     def prepared(self, targets: Iterable[Tensor]) -> Loss:
         """This loss adjusted to the whole data set's ``targets`` (one tensor per batch);
         only class-weighted losses change (module docstring, "Class weights")."""
-        return self
+        totals = self.weight_totals(targets)
+        return self if totals is None else self.rescaled(totals)
 
     def check(self, output: Tensor, target: Tensor) -> str | None:
         """Why this loss cannot use the first batch's ``output`` and ``target``; ``None`` if it can."""
@@ -147,15 +159,19 @@ class _ClassWeighted(Loss):
     def _weight(self, output: Tensor) -> Tensor | None:
         return None if self.weight is None else self.weight.to(output.device, output.dtype)
 
-    def prepared(self, targets: Iterable[Tensor]) -> Loss:
+    def weight_totals(self, targets: Iterable[Tensor]) -> Tensor | None:
         if self.weight is None:
-            return self
-        count, total = 0, 0.0
+            return None
+        totals = torch.zeros(2, dtype=torch.float64)
         for y in targets:
             if y.is_floating_point():  # probability targets: torch divides by N
-                return self
-            count += y.numel()
-            total += float(self.weight.to(torch.float64)[y.reshape(-1).cpu().long()].sum())
+                return None
+            totals[0] += y.numel()
+            totals[1] += self.weight.to(torch.float64)[y.reshape(-1).cpu().long()].sum()
+        return totals
+
+    def rescaled(self, totals: Tensor) -> Loss:
+        count, total = (float(v) for v in totals)
         if total <= 0:
             raise LossError(f"the {self.name} class weights of the measured labels sum to zero")
         clone = type(self).__new__(type(self))

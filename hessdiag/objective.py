@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .compat import quiet_jit_deprecation, twice_differentiable
+from .distributed import SINGLE, World
 from .errors import ObjectiveError
 from .losses import Loss, LossSpec, resolve_loss
 from .operators import GGNOperator, HessianOperator, ResidualOperator
@@ -78,9 +79,15 @@ class BatchSource:
     Accepts an ``(x, y)`` pair of tensors (split into ``batch_size`` chunks), a
     ``DataLoader`` or any re-iterable of batches, or a one-shot iterator (materialized
     once, since every estimator passes over the data several times).
+
+    With a ``world`` of several ranks it yields this rank's shard only
+    (:mod:`hessdiag.distributed`): a contiguous slice of the examples of a tensor pair, or
+    every K-th batch of any other source.
     """
 
-    def __init__(self, data: object, batch_size: int | None = 256) -> None:
+    def __init__(self, data: object, batch_size: int | None = 256, world: World = SINGLE) -> None:
+        self.world = world
+        self.checksum: float | None
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, Tensor) for t in data
         ):
@@ -94,10 +101,17 @@ class BatchSource:
             size = x.shape[0] if batch_size is None else int(batch_size)
             if size < 1:
                 raise ObjectiveError(f"batch size must be positive, got {batch_size}")
+            # Ranks must hold the same data before taking their shards: this sum says so.
+            self.checksum = float(x.double().sum()) + float(y.double().sum()) if world.distributed else None
+            shard = world.shard(x.shape[0])
+            x, y = x[shard], y[shard]
+            self._sharded = True  # the examples are split already; every batch is this rank's
             self._batches: Iterable[Batch] = [
                 (x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)
             ]
         elif isinstance(data, Iterable):
+            self.checksum = None  # a loader's batches are not all at hand
+            self._sharded = not world.distributed
             self._batches = list(data) if iter(data) is data else data  # type: ignore[arg-type]
         else:
             raise ObjectiveError(
@@ -105,13 +119,16 @@ class BatchSource:
             )
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self._batches:
+        for index, batch in enumerate(self._batches):
+            if not (self._sharded or self.world.owns_batch(index)):
+                continue
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                 raise ObjectiveError("each batch must be an (x, y) pair")
             yield batch[0], batch[1]
 
     def __len__(self) -> int:
-        return len(self._batches)  # type: ignore[arg-type]
+        total = len(self._batches)  # type: ignore[arg-type]
+        return total if self._sharded else len(range(self.world.rank, total, self.world.size))
 
 
 class Objective:
@@ -140,6 +157,9 @@ class Objective:
             ``requires_grad=True``. The others are constants, so every estimator sees the
             principal sub-block of the Hessian for the selection. ``selection`` records it
             (``None`` by default).
+        world: the ranks measuring together (:mod:`hessdiag.distributed`); this rank's
+            passes cover its shard of the data, and :meth:`mean_over_examples` adds the
+            shards. Default: one process.
 
     Every forward pass runs under :func:`hessdiag.compat.twice_differentiable`, so that
     Hardswish, fused attention and RNN kernels can be differentiated twice.
@@ -157,6 +177,7 @@ class Objective:
         chunk_size: int = 32,
         hvp_route: str = "auto",
         params: ParamSpec | None = None,
+        world: World = SINGLE,
     ) -> None:
         if hvp_route not in HVP_ROUTES:
             raise ObjectiveError(
@@ -173,9 +194,14 @@ class Objective:
         self.device = torch.device(device) if device is not None else first.device
         self.model = model
         self.chunk_size = max(1, int(chunk_size))
-        self.data = BatchSource(data, batch_size)
-        # A lazy generator: only a class-weighted loss consumes it (one pass over the labels).
-        self.loss: Loss = resolve_loss(loss).prepared(y for _, y in self.data)
+        self.world = world
+        self.data = BatchSource(data, batch_size, world)
+        self.loss: Loss = resolve_loss(loss)
+        # A lazy generator: only a class-weighted loss consumes it (one pass over this rank's
+        # labels). On several ranks the totals are added in settle_loss_weights(), a collective.
+        self._loss_totals = self.loss.weight_totals(y for _, y in self.data)
+        if not world.distributed:
+            self.settle_loss_weights()
         self.params: ParamDict = {
             n: p.detach().to(self.device, self.dtype).clone() for n, p in trainable
         }
@@ -190,7 +216,8 @@ class Objective:
         # The record of the second-order products that ran, written by the operators.
         self.hvp_route_used: str | None = None  # "func" or "autograd" once a product ran
         self.hvp_fallback: str | None = None  # why "auto" switched to "autograd"
-        self.num_examples: int | None = None  # known after the first pass
+        self.num_examples: int | None = None  # N over all ranks; known after the first pass
+        self.shard_examples: int | None = None  # this rank's share of N
         self.hessian = HessianOperator(self)
         self.ggn = GGNOperator(self)
         self.residual = ResidualOperator(self)
@@ -202,7 +229,8 @@ class Objective:
         return t.to(self.dtype) if t.is_floating_point() else t
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        """Yield ``(x, y, n_b)`` on the compute device/dtype, counting N as it goes."""
+        """Yield this rank's ``(x, y, n_b)`` on the compute device/dtype, counting them as it
+        goes (N itself on one process; see :meth:`count_examples` for several)."""
         count = 0
         for x, y in self.data:
             n = int(x.shape[0])
@@ -211,12 +239,55 @@ class Objective:
             count += n
             yield self._cast(x), y.to(self.device), n
         if count == 0:
+            if self.world.distributed:
+                raise ObjectiveError(f"rank {self.world.rank} of {self.world.size} has no examples to "
+                                     "measure: the data have fewer examples (or batches) than ranks")
             raise ObjectiveError("the data are empty")
-        if self.num_examples is not None and self.num_examples != count:
+        if self.shard_examples is not None and self.shard_examples != count:
             raise ObjectiveError(
-                f"the data changed between passes ({self.num_examples} then {count} examples)"
+                f"the data changed between passes ({self.shard_examples} then {count} examples)"
             )
-        self.num_examples = count
+        self.shard_examples = count
+        if not self.world.distributed:
+            self.num_examples = count
+
+    def count_examples(self) -> list[int]:
+        """The examples of every rank's shard, in rank order, after one pass over this
+        rank's; sets :attr:`num_examples` to their sum. A collective on several ranks."""
+        if self.shard_examples is None:
+            for _ in self.batches():
+                pass
+        assert self.shard_examples is not None  # counted by the pass above
+        counts = self.world.agree(None, count=self.shard_examples)
+        self.num_examples = sum(counts)
+        self.settle_loss_weights()
+        return counts
+
+    def settle_loss_weights(self) -> None:
+        """Rescale a class-weighted loss by N / Σₙ w_{yₙ} over all ranks' labels, so that L
+        is torch's weighted mean over the whole data (docs/math.md, "The loss"); a no-op
+        for any other loss or once done. A collective on several ranks: every rank calls it
+        at the same point, after the input checks agreed (:func:`hessdiag.measure`)."""
+        if self._loss_totals is None:
+            return
+        self.world.all_reduce_([self._loss_totals])
+        self.loss = self.loss.rescaled(self._loss_totals)
+        self._loss_totals = None
+
+    def mean_over_examples(self, *sums: ParamDict) -> None:
+        """Turn sums over this rank's examples into means over all N examples, in place.
+
+        Every rank's sums are added (an all-reduce on several ranks, a no-op on one), then
+        divided by N: what docs/index.md, "What is measured", averages. Call it on every
+        rank at the same point, after a full pass.
+        """
+        self.world.all_reduce_(t for part in sums for t in part.values())
+        if self.num_examples is None:
+            self.count_examples()
+        assert self.num_examples is not None  # counted by the pass above
+        for part in sums:
+            for tensor in part.values():
+                tensor.div_(self.num_examples)
 
     # -- functional loss ----------------------------------------------------------------
 
@@ -245,11 +316,12 @@ class Objective:
 
     def loss_value(self) -> float:
         """L(θ) over all measured data."""
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with evaluation_mode(self.model), torch.no_grad():
             for x, y, n in self.batches():
-                total += n * float(self.batch_loss(self.params, x, y))
-        return total / self.num_examples  # type: ignore[operator]
+                total += n * self.batch_loss(self.params, x, y).double()
+        self.mean_over_examples({"loss": total})
+        return float(total)
 
     # -- the data pass of curvature products ---------------------------------------------
 
@@ -272,9 +344,7 @@ class Objective:
                     product = batch_product(chunk, x, y)
                     for k in out:
                         out[k][start : start + step].add_(product[k], alpha=n)
-        assert self.num_examples is not None  # counted by the pass above
-        for k in out:
-            out[k].div_(self.num_examples)
+        self.mean_over_examples(out)
         return out
 
     # -- stateful copies for libraries that need a module -------------------------------

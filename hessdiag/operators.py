@@ -272,8 +272,8 @@ class GGNOperator(_ForwardModeOperator):
                     part = vmap(per_example)(xs, factors)
                     for k in total:
                         total[k].add_(part[k].sum(0))
-        assert objective.num_examples is not None  # counted by the pass above
-        return {k: v / objective.num_examples for k, v in total.items()}
+        objective.mean_over_examples(total)  # adds the ranks' sums on several processes
+        return total
 
 
 class ResidualOperator(_ForwardModeOperator):

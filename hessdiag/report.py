@@ -73,7 +73,16 @@ def table(result: Result) -> str:
     if result.naive_normalized_norm is not None:
         extra += f"  naive={result.naive_normalized_norm:.6g}"
     chosen = [f"chosen by auto: {result.selection}"] if result.selection else []
-    return "\n".join(lines + [extra] + chosen + _legend(result) + _extras_lines(result))
+    return "\n".join(lines + [extra] + chosen + _ranks(result) + _legend(result) + _extras_lines(result))
+
+
+def _ranks(result: Result) -> list[str]:
+    """``ranks=2  examples per rank: 899, 898`` after a distributed run; nothing otherwise."""
+    if result.world_size == 1:
+        return []
+    shares = "" if result.examples_per_rank is None else \
+        f"  examples per rank: {', '.join(f'{n:,}' for n in result.examples_per_rank)}"
+    return [f"ranks={result.world_size}{shares}"]
 
 
 def _selection(result: Result) -> str:

@@ -94,6 +94,8 @@ class Result:
 
     ``params``: the parameter selection as given (patterns, names; ``None``: every
     parameter with ``requires_grad=True``); ``num_params`` and the norms refer to it.
+    ``world_size``: the ranks that measured together (1: one process; docs/scaling.md) and
+    ``examples_per_rank`` the examples of each rank's shard, summing to ``num_examples``.
     ``diagonal`` (``{name: Tensor}``, with ``split_ggn`` also ``ggn_diagonal`` and
     ``residual_diagonal``) is kept only on request (``measure(..., keep_diagonal=True)``),
     else ``None``; it is never part of the JSON document.
@@ -131,6 +133,8 @@ class Result:
     residual_sq_norm_ci95: tuple[float, float] | None = None
     rtol_budget: RtolBudget | None = None
     params: list[str] | None = None
+    world_size: int = 1
+    examples_per_rank: list[int] | None = None
     diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     ggn_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
     residual_diagonal: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -149,6 +153,8 @@ class Result:
             "params": None if self.params is None else list(self.params),
             "num_params": self.num_params,
             "num_examples": self.num_examples,
+            "world_size": self.world_size,
+            "examples_per_rank": None if self.examples_per_rank is None else list(self.examples_per_rank),
             "dtype": self.dtype,
             "normalized_norm": self.normalized_norm,
             "norm": self.norm,

@@ -188,5 +188,5 @@ def backpack_diagonal(
             total[names[id(p)]].add_(value.detach(), alpha=n_b)
             delattr(p, savefield)
             p.grad = None
-    assert objective.num_examples is not None  # counted by the pass above
-    return {n: total[n] / objective.num_examples for n in objective.params if n in total}
+    objective.mean_over_examples(total)
+    return {n: total[n] for n in objective.params if n in total}

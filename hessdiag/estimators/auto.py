@@ -67,6 +67,7 @@ class AutoEstimator(Estimator, EstimatorOptions):
 
     name = "auto"
     exact = False
+    supports_distributed = True
 
     def estimate(
         self, objective: Objective

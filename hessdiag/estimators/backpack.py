@@ -24,6 +24,7 @@ class BackpackEstimator(Estimator):
 
     name = "backpack"
     exact = True
+    supports_distributed = True
 
     def estimate(
         self, objective: Objective

@@ -91,6 +91,12 @@ class Estimator(metaclass=_EstimatorType):
 
     name: ClassVar[str]
     exact: ClassVar[bool]
+    supports_distributed: ClassVar[bool] = False
+    """Whether the estimate is right on several ranks (:mod:`hessdiag.distributed`): every
+    sum over examples it forms goes through :meth:`Objective.hvp` (or another product of
+    :class:`~hessdiag.objective.Objective`) or :meth:`Objective.mean_over_examples`, and its
+    random draws are the same on every rank, or independent per rank where they are per
+    example. ``False`` (the default for estimators defined elsewhere): refused on several ranks."""
 
     @classmethod
     def accepted_options(cls) -> tuple[str, ...]:

@@ -74,6 +74,7 @@ class CurvpropEstimator(StochasticEstimator):
     """
 
     name = "curvprop"
+    supports_distributed = True
 
     allocation: str = "proportional"
     ggn: str = "auto"
@@ -100,7 +101,9 @@ class CurvpropEstimator(StochasticEstimator):
 
     def _run(self, objective: Objective, structure: NetworkStructure, target: int) -> DiagonalEstimate:
         start = time.perf_counter()
-        generator = torch.Generator().manual_seed(self.seed)
+        # Per-example draws: on several ranks each shard gets its own stream (the replicates
+        # stay independent and unbiased; the numbers then depend on the world size).
+        generator = torch.Generator().manual_seed(objective.world.draw_seed(self.seed))
         sizes = list(objective.numels.items())
         known_ggn = objective.ggn.known_diagonal
         ggn: Tensor | None = None if known_ggn is None else objective.ggn.flat(known_ggn)
@@ -187,11 +190,10 @@ class CurvpropEstimator(StochasticEstimator):
             rows += n
             for row in range(replicates):
                 rows += self._residual_draw(objective, generator, batch, x, y, estimates[row])
-        count = objective.num_examples or 1
+        spent = torch.tensor(rows, dtype=torch.float64, device=objective.device)
+        objective.mean_over_examples({"estimates": estimates, "rows": spent}, ggn)
         has_estimates = any_sites or ggn_mode == "mc"
-        return ((estimates / count) if has_estimates else None,
-                {k: v / count for k, v in ggn.items()} if ggn_mode == "exact" else None,
-                rows / count)
+        return (estimates if has_estimates else None, ggn if ggn_mode == "exact" else None, float(spent))
 
     def _residual_draw(self, objective: Objective, generator: torch.Generator,
                        batch: TapedBatch, x: Tensor, y: Tensor, into: Tensor) -> float:

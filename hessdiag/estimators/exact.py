@@ -87,6 +87,7 @@ class ExactEstimator(Estimator):
 
     name = "exact"
     exact = True
+    supports_distributed = True
 
     analytic: bool = True
     structural: bool = True
@@ -177,7 +178,8 @@ class ExactEstimator(Estimator):
         except (RuntimeError, NotImplementedError):
             return None
         examples, _ = _num_examples(objective)
-        return HVP_GRADIENTS * objective.num_params * examples * per_example
+        # Ranks measuring together split the examples (docs/scaling.md).
+        return HVP_GRADIENTS * objective.num_params * examples * per_example / objective.world.size
 
 
 def _num_examples(objective: Objective) -> tuple[int, str]:

@@ -92,6 +92,7 @@ class ProbeEstimator(StochasticEstimator):
     """
 
     min_samples: ClassVar[int] = 3
+    supports_distributed: ClassVar[bool] = True  # a subclass's prepare() must keep it true
 
     def __post_init__(self) -> None:
         super().__post_init__()
