@@ -46,6 +46,14 @@ def batches(data: tuple[torch.Tensor, torch.Tensor], size: int = 8) -> list[tupl
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
+def loss_of(options: dict[str, Any]) -> Any:
+    """The loss a case names (popped from ``options``): ``"ce"``, or ``"weighted"``, a
+    class-weighted, label-smoothed cross-entropy whose normalization Σ w_y spans the shards."""
+    if options.pop("loss", "ce") == "weighted":
+        return nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), label_smoothing=0.1)
+    return "ce"
+
+
 def cases() -> dict[str, dict[str, Any]]:
     """Name → keyword arguments of ``hessdiag.measure`` (the model and data by name)."""
     from hessdiag.estimators import ExactEstimator
@@ -53,6 +61,7 @@ def cases() -> dict[str, dict[str, Any]]:
     basis = ExactEstimator(analytic=False, structural=False)
     return {
         "exact-analytic": dict(estimator="exact", split_ggn=True),
+        "exact-weighted-loss": dict(estimator="exact", loss="weighted", split_ggn=True),
         "exact-basis": dict(estimator=basis, batch_size=5),
         "exact-basis-batches": dict(estimator=basis, data="batches"),
         "exact-tape-relu": dict(estimator="exact", model="relu"),
@@ -99,7 +108,7 @@ def run_cases(out: str) -> None:
         options = dict(options)
         model, data = problem(relu=options.pop("model", None) == "relu")
         chosen = batches(data) if options.pop("data", None) == "batches" else data
-        result = hessdiag.measure(model, chosen, "ce", dtype="float64", keep_diagonal=True, **options)
+        result = hessdiag.measure(model, chosen, loss_of(options), dtype="float64", keep_diagonal=True, **options)
         results[name] = {"diagonal": result.diagonal, "samples": result.samples, "doc": result.to_dict(),
                          "ggn": result.ggn_diagonal, "table": result.table()}
     if int(os.environ.get("RANK", "0")) == 0:

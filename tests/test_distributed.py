@@ -44,14 +44,15 @@ def one_process_results():
         options = dict(options)
         model, data = worker.problem(relu=options.pop("model", None) == "relu")
         chosen = worker.batches(data) if options.pop("data", None) == "batches" else data
-        result = hessdiag.measure(model, chosen, "ce", dtype="float64", keep_diagonal=True, **options)
+        result = hessdiag.measure(model, chosen, worker.loss_of(options), dtype="float64", keep_diagonal=True,
+                                  **options)
         results[name] = {"diagonal": result.diagonal, "samples": result.samples, "doc": result.to_dict(),
                          "ggn": result.ggn_diagonal}
     return results
 
 
-@pytest.mark.parametrize("case", ["exact-analytic", "exact-basis", "exact-basis-batches", "exact-tape-relu",
-                                  "backpack"])
+@pytest.mark.parametrize("case", ["exact-analytic", "exact-weighted-loss", "exact-basis", "exact-basis-batches",
+                                  "exact-tape-relu", "backpack"])
 def test_exact_estimators_match_one_process(case, two_rank_results, one_process_results):
     got, want = two_rank_results[case], one_process_results[case]
     assert got["doc"]["method"] == want["doc"]["method"]
