@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -59,10 +60,10 @@ class Example:
 
     @property
     def argv(self) -> list[str]:
-        """The arguments after ``hessdiag``."""
+        """The command's words: ``hessdiag ...`` or ``torchrun ... -m hessdiag ...``."""
         words = shlex.split(self.command)
-        assert words[0] == "hessdiag", self.command
-        return words[1:]
+        assert words[0] in ("hessdiag", "torchrun"), self.command
+        return words
 
     @property
     def label(self) -> str:
@@ -192,16 +193,33 @@ def _working_directory(folder: Path) -> Iterator[None]:
 
 
 def run_command(argv: Sequence[str]) -> tuple[int, list[str]]:
-    """Run ``hessdiag ARGV`` in process; (exit code, stdout lines followed by stderr lines)."""
+    """Run ``hessdiag ...`` in process, or ``torchrun ...`` as torchrun would (its ranks are
+    processes); (exit code, stdout lines followed by stderr lines)."""
+    if argv[0] == "torchrun":
+        return _run_torchrun(argv[1:])
     from hessdiag.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = main(list(argv))
+            code = main(list(argv[1:]))
         except SystemExit as exit_:  # argparse usage errors
             code = int(exit_.code or 0)
     return code, (out.getvalue() + err.getvalue()).splitlines()
+
+
+def _run_torchrun(arguments: Sequence[str]) -> tuple[int, list[str]]:
+    """``torchrun ARGUMENTS`` on this Python, one thread per rank, on a free local port (set
+    through torchrun's ``PET_`` environment, so the documented command is run as written)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PET_MASTER_PORT": str(port)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", *arguments], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, (done.stdout + done.stderr).splitlines()
 
 
 def run_examples(examples: Sequence[Example], folder: Path) -> dict[int, tuple[int, list[str]]]:

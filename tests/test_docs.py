@@ -87,8 +87,9 @@ def test_documented_output_has_the_shape_of_a_real_run(example, real_runs):
 
 
 def test_the_documented_examples_are_found():
-    commands = [e.argv[0] for e in EXAMPLES]
+    commands = [e.argv[e.argv.index("hessdiag") + 1 if "hessdiag" in e.argv else 1] for e in EXAMPLES]
     assert {"measure", "psi", "sweep", "plot", "analyze", "check"} <= set(commands)
+    assert any(e.argv[0] == "torchrun" for e in EXAMPLES)  # the distributed example runs too
     table = next(e for e in EXAMPLES if e.output and e.output[-2].startswith("estimator=exact"))
     assert table.argv[-4:] == ["--json", "out/result.json", "--plot", "out/layers.svg"]  # continuation joined
 
