@@ -140,7 +140,10 @@ class _Tape(TorchFunctionMode):
                 out = func(*args, **kwargs)
                 if not out.requires_grad:
                     raise TapeError("a layer with parameters does not depend on the input")
-                call = AffineCall(func, x.detach(), args, kwargs, names, x._version)
+                # The call keeps its input detached only: the input's graph leads back to the
+                # activation sites, whose autograd nodes hold this tape, and such a cycle
+                # through autograd nodes is never collected (a leak of the whole graph per batch).
+                call = AffineCall(func, x.detach(), (x.detach(), *args[1:]), kwargs, names, x._version)
                 self.calls.append(call)
                 out.register_hook(self._hook(call))
                 return out
