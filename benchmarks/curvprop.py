@@ -73,7 +73,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from hessdiag import per_example  # noqa: E402
 from hessdiag.curvature_tape import TapedBatch, tape_ggn_diagonal  # noqa: E402
-from hessdiag.estimators import EstimatorOptions, get_estimator  # noqa: E402
+from hessdiag.estimators import CurvpropEstimator, EstimatorOptions, get_estimator  # noqa: E402
 from hessdiag.estimators.curvprop import _rademacher_like  # noqa: E402
 from hessdiag.estimators.exact import ExactEstimator  # noqa: E402
 from hessdiag.ggn import ggn_diagonal  # noqa: E402
@@ -171,9 +171,12 @@ def resnet_case(args, activation: str) -> tuple[nn.Module, Tensor, Tensor, str]:
     return model.eval(), x, y, note
 
 
-def run_estimator(objective: Objective, name: str, samples: int, seed: int):
+def run_estimator(objective: Objective, name: str, samples: int, seed: int, input_layer: str = "injection"):
+    options = EstimatorOptions(samples=samples, seed=seed)
+    estimator = (CurvpropEstimator(options, input_layer=input_layer) if name == "curvprop"
+                 else get_estimator(name, options))
     start = time.perf_counter()
-    estimate = get_estimator(name, EstimatorOptions(samples=samples, seed=seed)).estimate(objective)
+    estimate = estimator.estimate(objective)
     return estimate, time.perf_counter() - start
 
 
@@ -209,9 +212,13 @@ def resnet_part(args) -> None:
                         continue
                     anchors.append(median_time(anchor, 1))
                     samples = budgets[method][i]
-                    estimate, secs = run_estimator(objective, method, samples, seed)
+                    estimate, secs = run_estimator(objective, method, samples, seed,
+                                                   args.curvprop_input_layer)
                     value, ci, half = summarize(estimate, num)
-                    cost = estimate.info.get("backward_passes") or estimate.hvps
+                    passes = estimate.info.get("backward_passes")
+                    cost = f"{passes} backward passes" if passes else f"{estimate.hvps} HVPs"
+                    if estimate.info.get("input_layer_products"):
+                        cost += f" + {estimate.info['input_layer_products']} input-layer products"
                     rows.append(dict(method=method, samples=samples, seed=seed, secs=secs,
                                      value=value, ci=ci, half=half, cost=cost,
                                      blocks=block_shares(estimate, objective.numels)))
@@ -228,8 +235,7 @@ def resnet_part(args) -> None:
               "[95 % interval] | rel. half-width |")
         print("|---|---:|---:|---:|---:|---:|---|---:|")
         for r in rows:
-            unit = "backward passes" if r["method"] == "curvprop" else "HVPs"
-            print(f"| {r['method']} | {r['samples']} | {r['seed']} | {r['cost']} {unit} | "
+            print(f"| {r['method']} | {r['samples']} | {r['seed']} | {r['cost']} | "
                   f"{r['secs']:.1f} | {r['secs'] / backward:.0f} | {r['value']:.5g} "
                   f"[{r['ci'][0]:.5g}, {r['ci'][1]:.5g}] | {100 * r['half']:.2f} % |")
         if args.seeds > 1:
@@ -599,6 +605,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: all examples")
     parser.add_argument("--chunk", type=int, default=8, help="HVP probes per vmapped call")
     parser.add_argument("--curvprop-samples", type=int, nargs="*", default=[16, 32])
+    parser.add_argument("--curvprop-input-layer", choices=("injection", "probes"), default="injection",
+                        help="curvprop's input_layer option (resnet part)")
     parser.add_argument("--hutchinson-samples", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--ggn-samples", type=int, nargs="*", default=[8])
     parser.add_argument("--seeds", type=int, default=1, help="runs per budget (ResNet)")

@@ -27,6 +27,9 @@ With rₙ = ∇_f ℓₙ and Qₙ Qₙᵀ = ∇²_f ℓₙ (:meth:`hessdiag.loss
   gives per example vₙ = Σᵤ ξᵤ √c₊,ᵤ ∂zᵤ/∂θ, whose square has expectation
   Σᵤ c₊,ᵤ (∂zᵤ/∂θ)² (cross terms vanish); a second pass does c₋ = max(−c, 0), and the
   difference estimates Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)² without bias (docs/math.md, "curvprop").
+- **Input layer**: for the linear and convolution layers applied to the model's input,
+  :meth:`TapedBatch.input_residual_products` gives Rₙ zₙ per example for per-example
+  tangents zₙ, by one forward-over-reverse pass with a copy of those parameters per example.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.func import grad, jvp
 from torch.overrides import TorchFunctionMode
 
 from .activations import ElementwiseDerivatives
 from .objective import Objective, evaluation_mode
-from .per_example import AffineCall, param_call_problem
+from .per_example import PER_EXAMPLE_FUNCS, AffineCall, param_call_problem, per_example_affine
 from .structure import PARAM_OPS, elementwise_activation
 
 ParamDict = dict[str, Tensor]
@@ -110,6 +114,7 @@ class _Tape(TorchFunctionMode):
         self.record_activation_grads = False
         self.weights: Tensor | None = None  # per-example weights of the squares
         self.sums: ParamDict = {}
+        self.model_input: Tensor | None = None  # to mark the layers applied to it
 
     def _hook(self, call: AffineCall) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -140,7 +145,11 @@ class _Tape(TorchFunctionMode):
                 out = func(*args, **kwargs)
                 if not out.requires_grad:
                     raise TapeError("a layer with parameters does not depend on the input")
-                call = AffineCall(func, x.detach(), args, kwargs, names, x._version)
+                # The call keeps its input detached only: the input's graph leads back to the
+                # activation sites, whose autograd nodes hold this tape, and such a cycle
+                # through autograd nodes is never collected (a leak of the whole graph per batch).
+                call = AffineCall(func, x.detach(), (x.detach(), *args[1:]), kwargs, names, x._version,
+                                  on_input=x is self.model_input)
                 self.calls.append(call)
                 out.register_hook(self._hook(call))
                 return out
@@ -153,6 +162,29 @@ class _Tape(TorchFunctionMode):
         if func in INPLACE_POSITION:  # run out of place: hooks still need the input
             args = args[: INPLACE_POSITION[func]]
             kwargs["inplace"] = False
+        return func(*args, **kwargs)
+
+
+class _PerExampleCopies(TorchFunctionMode):
+    """Runs the affine calls with parameters in ``calls`` (tensor id → name) with one copy
+    per example (``copies``, name → [n, *shape]; :func:`per_example_affine`)."""
+
+    def __init__(self, calls: dict[int, str], copies: ParamDict) -> None:
+        super().__init__()
+        self.calls = calls
+        self.copies = copies
+
+    def __torch_function__(self, func: Callable, types: Iterable, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in PER_EXAMPLE_FUNCS:
+            own = {}
+            for key, index in (("weight", 1), ("bias", 2)):
+                value = kwargs.get(key, args[index] if len(args) > index else None)
+                if isinstance(value, Tensor) and id(value) in self.calls:
+                    own[key] = self.copies[self.calls[id(value)]]
+            if own:
+                return per_example_affine(func, args, kwargs, own)
         return func(*args, **kwargs)
 
 
@@ -172,8 +204,11 @@ class TapedBatch:
         self._tape = _Tape({id(t): n for n, t in params.items()}, self.num, sites)
         self._anchor = torch.zeros((), dtype=objective.dtype, device=objective.device,
                                    requires_grad=True)
-        with evaluation_mode(objective.model), torch.enable_grad(), self._tape:
-            output = objective.model_forward(params, x + self._anchor)
+        self.inputs = x
+        with evaluation_mode(objective.model), torch.enable_grad():
+            self._tape.model_input = x + self._anchor
+            with self._tape:
+                output = objective.model_forward(params, self._tape.model_input)
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != self.num:
             raise TapeError("the model's output is not a [batch, outputs] tensor")
         for site in self._tape.sites:
@@ -254,6 +289,35 @@ class TapedBatch:
                     for name, value in self.injected_squares(injections).items():
                         total[name] = total[name] + sign * value if name in total else sign * value
         return total
+
+    @property
+    def input_parameters(self) -> list[str]:
+        """Parameters of the linear and convolution layers applied to the model's input itself
+        (usually the stem): :meth:`input_residual_products` applies to them."""
+        return [name for call in self._tape.calls if call.on_input and call.func in PER_EXAMPLE_FUNCS
+                for name in call.names.values()]
+
+    def input_residual_products(self, tangents: ParamDict) -> ParamDict:
+        """Per example, Rₙ zₙ restricted to :attr:`input_parameters`, for tangents
+        ``{name: [n, *shape]}`` (row n: zₙ), where Rₙ is the Hessian of θ ↦ rₙᵀ fₙ(θ) with
+        rₙ = ∇_f ℓₙ held fixed (the residual of example n). Returns ``{name: [n, *shape]}``.
+
+        Each example gets its own copy of these parameters (:func:`per_example_affine`), so
+        one forward-over-reverse product over the batch (about an HVP) gives every example's
+        product with its own tangent. Nothing of θ lies upstream of these layers, so within
+        their block Rₙ = Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)ᵀ(∂zᵤ/∂θ) exactly.
+        """
+        objective = self.objective
+        calls = {id(objective.params[name]): name for name in tangents}
+        copies = {name: objective.params[name].detach().expand(self.num, *objective.params[name].shape).clone()
+                  for name in tangents}
+        weights = self.loss_grad
+
+        def residual_form(own: ParamDict) -> Tensor:
+            with evaluation_mode(objective.model), _PerExampleCopies(calls, own):
+                return (objective.forward(objective.params, self.inputs) * weights).sum()
+
+        return jvp(grad(residual_form), (copies,), (tangents,))[1]  # type: ignore[no-any-return]
 
     def ggn_squares(self) -> ParamDict:
         """Σₙ diag(Jₙᵀ Λₙ Jₙ) over this batch's examples: C backward passes (exact)."""

@@ -108,6 +108,7 @@ class AffineCall:
         inputs: the call's input x [n, …] (saved at the forward pass; must not change).
         args, kwargs: the call's other arguments (weights, stride, running statistics, …).
         names: which of ``"weight"``/``"bias"`` are parameters of θ, and their names.
+        on_input: whether ``inputs`` is the model's input (no parameter of θ upstream).
     """
 
     func: Any
@@ -117,6 +118,7 @@ class AffineCall:
     names: dict[str, str]
     version: int = 0
     cache: dict[str, Tensor] = field(default_factory=dict)
+    on_input: bool = False  # applied to the model's input itself (nothing of θ upstream)
 
     def square_sums(self, grad: Tensor, weights: Tensor) -> dict[str, Tensor]:
         """``{parameter name: Σₙ wₙ (per-example gradient)²}`` for the output gradient ``grad``."""
@@ -219,6 +221,40 @@ class AffineCall:
         if "bias" in self.names:
             out["bias"] = _weighted_square_sum(g.sum(2), weights)
         return out
+
+
+PER_EXAMPLE_FUNCS = (F.linear, F.conv1d, F.conv2d)
+"""Affine operations that :func:`per_example_affine` can run with one weight per example."""
+
+
+def per_example_affine(func: Any, args: Sequence[Any], kwargs: dict[str, Any],
+                       copies: dict[str, Tensor]) -> Tensor:
+    """The call ``func(*args, **kwargs)`` with ``copies`` (``"weight"``/``"bias"`` →
+    [n, *shape]) in place of its weight or bias, example n using row n.
+
+    Each example's output then depends on its own copy only, so derivatives with respect to
+    the copies are per-example derivatives. A convolution runs as one grouped convolution
+    (the batch folded into the channels), a linear layer as an einsum.
+    """
+    x = args[0]
+    n = int(x.shape[0])
+    weight = _call_arg(args, kwargs, 1, "weight", None)
+    bias = _call_arg(args, kwargs, 2, "bias", None)
+    weights = copies.get("weight", weight.expand(n, *weight.shape))
+    biases = copies.get("bias", None if bias is None else bias.expand(n, *bias.shape))
+    if func is F.linear:
+        out = torch.einsum("n...i,noi->n...o", x, weights)
+        if biases is not None:
+            out = out + biases.reshape(n, *([1] * (x.dim() - 2)), -1)
+        return out
+    groups = int(_call_arg(args, kwargs, 6, "groups", 1))
+    out = func(x.reshape(1, -1, *x.shape[2:]), weights.reshape(-1, *weights.shape[2:]), None,
+               _call_arg(args, kwargs, 3, "stride", 1), _call_arg(args, kwargs, 4, "padding", 0),
+               _call_arg(args, kwargs, 5, "dilation", 1), groups * n)
+    out = out.reshape(n, -1, *out.shape[2:])
+    if biases is not None:
+        out = out + biases.reshape(n, -1, *([1] * (out.dim() - 2)))
+    return out
 
 
 def _step(num: int, per_example: int, device: torch.device) -> int:

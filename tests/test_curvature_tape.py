@@ -13,6 +13,9 @@ below any real error: on these networks the residual is 15–100 % of the diagon
 dropping it, or any one activation site's share, fails by orders of magnitude.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,3 +245,18 @@ def test_asymmetric_same_padding_is_refused():
     x, y, _ = next(objective.batches())
     with pytest.raises(TapeError, match="asymmetric"):
         TapedBatch(objective, x, y)
+
+
+def test_a_dropped_batch_frees_its_graph():
+    """The recorded layer calls keep their inputs detached: otherwise each batch's graph would
+    sit in a reference cycle through the activation sites' autograd nodes, which the garbage
+    collector cannot break (about 1 GB more per curvprop run on resnet18_cifar(silu, width=8)
+    with 64 examples; two runs on width 16 were killed for memory)."""
+    x, y = residual_cnn_data(6)
+    objective = Objective(residual_cnn(nn.SiLU), (x, y), "ce")
+    batch = TapedBatch(objective, x, y)
+    batch.loss_gradient()
+    sites = [weakref.ref(site) for site in batch.sites]
+    del batch
+    gc.collect()
+    assert sites and all(site() is None for site in sites)

@@ -23,8 +23,23 @@ replicate); the first round also computes g. With ``samples`` the number of repl
 fixed; otherwise rounds are added until the half-width is below ``rtol`` or
 ``max_samples`` replicates are reached. The GGN/residual split comes for free.
 
+Input layer. A parameter of the layer applied to the input itself (the stem) reaches every
+activation unit of the network, so its per-example gradient collects the injected noise of
+all of them; the c₊ and c₋ passes each carry that noise while their difference, the
+residual, is much smaller, and on trained ResNets this one small block can hold almost all
+of the estimator's variance (docs/benchmarks.md). With ``input_layer="probes"`` the
+residual of the linear and convolution layers applied to the input is drawn in parameter
+space instead: Σₙ zₙ ⊙ (Rₙ zₙ), zₙ Rademacher per example and Rₙ the Hessian of θ ↦ rₙᵀfₙ(θ)
+(:meth:`~hessdiag.curvature_tape.TapedBatch.input_residual_products`, one forward-over-
+reverse pass over the data per replicate, about an HVP). Its variance is that of a
+per-example Hutchinson estimate on that block alone, Σₙ Σᵢ≠ⱼ (Rₙ)ᵢⱼ², signed, so the
+cancellation between c₊ and c₋ happens before the noise is drawn. The other parameters keep
+the injection; the replicates stay independent and unbiased.
+
 Cost is reported as ``info["backward_passes"]``: backward passes over all measured data
 (each about one plain backward plus the per-example squares of the parameters' gradients).
+The input-layer products are counted apart, in ``info["input_layer_products"]`` (passes
+over all measured data).
 The same seed, data and batch size give bit-identical results.
 """
 
@@ -46,6 +61,7 @@ from .base import EstimatorError, StochasticEstimator
 from .structural import objective_structure
 
 ALLOCATIONS = ("proportional", "uniform")
+INPUT_LAYER = ("injection", "probes")
 
 GGN_EXACT_MAX_CLASSES = 32
 """Up to this many outputs the GGN diagonal is exact (C backward passes per batch, once);
@@ -70,7 +86,10 @@ class CurvpropEstimator(StochasticEstimator):
     ``"proportional"`` (draws per example ∝ its curvature mass Σᵤ|cₙ,ᵤ|) or ``"uniform"``
     (one draw per example); ``ggn``: ``"exact"`` (C passes per batch), ``"mc"`` (one pass
     per replicate with Qξ, ξ Rademacher) or ``"auto"`` (exact up to
-    :data:`GGN_EXACT_MAX_CLASSES` outputs).
+    :data:`GGN_EXACT_MAX_CLASSES` outputs); ``input_layer``: how the residual of the
+    linear/convolution layers applied to the input itself (the stem) is drawn,
+    ``"injection"`` (with all others) or ``"probes"`` (per-example Rademacher probes in
+    parameter space, one extra forward-over-reverse pass per replicate; module docstring).
     """
 
     name = "curvprop"
@@ -78,6 +97,7 @@ class CurvpropEstimator(StochasticEstimator):
 
     allocation: str = "proportional"
     ggn: str = "auto"
+    input_layer: str = "injection"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +105,8 @@ class CurvpropEstimator(StochasticEstimator):
             raise EstimatorError(f"curvprop: allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.ggn not in ("auto", "exact", "mc"):
             raise EstimatorError("curvprop: ggn must be auto, exact or mc")
+        if self.input_layer not in INPUT_LAYER:
+            raise EstimatorError(f"curvprop: input_layer must be one of {', '.join(INPUT_LAYER)}")
         if self.budget < 3:
             raise EstimatorError("curvprop needs at least 3 replicates (--samples)")
 
@@ -110,11 +132,12 @@ class CurvpropEstimator(StochasticEstimator):
         mode = "none" if ggn is not None else self._ggn_mode(objective)
         monte_carlo = mode == "mc"
         stats: ProbeStatistics | None = None
-        passes = 0.0
+        passes = products = 0.0
         while stats is None or stats.count < target:
             take = min(ROUND, target - (0 if stats is None else stats.count))
-            replicates, ggn_sums, spent = self._round(objective, generator, take, mode)
+            replicates, ggn_sums, spent, probed = self._round(objective, generator, take, mode)
             passes += spent
+            products += probed
             if ggn_sums is not None:
                 ggn = objective.flatten({k: v.unsqueeze(0) for k, v in ggn_sums.items()})[0]
                 mode = "none"  # exact once is enough
@@ -133,6 +156,8 @@ class CurvpropEstimator(StochasticEstimator):
             "backward_passes": round(passes, 2),
             "ggn": "monte-carlo" if monte_carlo else "exact",
             "allocation": self.allocation,
+            "input_layer": self.input_layer,
+            "input_layer_products": round(products, 2),
             "seconds": time.perf_counter() - start,
         }
         if stats.count == 0:  # piecewise linear: exact
@@ -163,14 +188,15 @@ class CurvpropEstimator(StochasticEstimator):
         return "mc" if outputs > GGN_EXACT_MAX_CLASSES else "exact"
 
     def _round(self, objective: Objective, generator: torch.Generator, replicates: int,
-               ggn_mode: str) -> tuple[Tensor | None, dict[str, Tensor] | None, float]:
+               ggn_mode: str) -> tuple[Tensor | None, dict[str, Tensor] | None, float, float]:
         """One pass over the data: ``replicates`` estimates [R, P] of d − b (``None`` when
         the network has no smooth activation and the GGN is exact), the exact GGN diagonal
-        when ``ggn_mode == "exact"``, and the backward passes spent (in passes over all data)."""
+        when ``ggn_mode == "exact"``, the backward passes and the input-layer products
+        spent (both in passes over all data)."""
         num = objective.num_params
         estimates = torch.zeros(replicates, num, dtype=objective.dtype, device=objective.device)
         ggn = {n: torch.zeros_like(p) for n, p in objective.params.items()}
-        rows, any_sites = 0.0, False
+        rows, probed, any_sites = 0.0, 0.0, False
         for x, y, n in objective.batches():
             batch = TapedBatch(objective, x, y)
             if ggn_mode == "exact":
@@ -188,15 +214,19 @@ class CurvpropEstimator(StochasticEstimator):
             any_sites = True
             batch.loss_gradient()
             rows += n
+            probing = self.input_layer == "probes" and bool(batch.input_parameters)
             for row in range(replicates):
-                rows += self._residual_draw(objective, generator, batch, x, y, estimates[row])
-        spent = torch.tensor(rows, dtype=torch.float64, device=objective.device)
-        objective.mean_over_examples({"estimates": estimates, "rows": spent}, ggn)
+                spent = self._residual_draw(objective, generator, batch, x, y, estimates[row], probing)
+                rows += spent
+                probed += spent / 2 if probing else 0.0
+        spent_rows = torch.tensor([rows, probed], dtype=torch.float64, device=objective.device)
+        objective.mean_over_examples({"estimates": estimates, "rows": spent_rows}, ggn)
         has_estimates = any_sites or ggn_mode == "mc"
-        return (estimates if has_estimates else None, ggn if ggn_mode == "exact" else None, float(spent))
+        return (estimates if has_estimates else None, ggn if ggn_mode == "exact" else None,
+                float(spent_rows[0]), float(spent_rows[1]))
 
     def _residual_draw(self, objective: Objective, generator: torch.Generator,
-                       batch: TapedBatch, x: Tensor, y: Tensor, into: Tensor) -> float:
+                       batch: TapedBatch, x: Tensor, y: Tensor, into: Tensor, probe: bool) -> float:
         """Add one draw of Σₙ Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)² over the batch to ``into`` (flat [P]);
         returns the backward rows spent.
 
@@ -205,6 +235,10 @@ class CurvpropEstimator(StochasticEstimator):
         mₙ = ⌊λₙ⌋ + Bernoulli(λₙ − ⌊λₙ⌋), on a copy of the batch with example n repeated
         mₙ times; the sum of its squares divided by λₙ is unbiased (Wald's identity), and
         an example with c = 0 has no residual and needs no draw.
+
+        ``probe``: the input layer's parameters get Σₙ wₙ zₙ ⊙ (Rₙ zₙ) on the same examples
+        and weights instead (:meth:`_input_probe`; one forward-over-reverse pass), so they
+        follow the same allocation.
         """
         coefficients = [site.coefficient() for site in batch.sites]
         target, weights = batch, None
@@ -232,8 +266,25 @@ class CurvpropEstimator(StochasticEstimator):
                                      weights)
         down = target.injected_squares([s * (-c).clamp(min=0).sqrt()
                                         for s, c in zip(signs, coefficients)], weights)
-        into += self._flat(objective, {k: cast(Tensor, up.get(k, 0) - down.get(k, 0)) for k in set(up) | set(down)})
+        parts = {k: cast(Tensor, up.get(k, 0) - down.get(k, 0)) for k in set(up) | set(down)}
+        if probe:
+            parts.update(self._input_probe(generator, target, weights))
+        into += self._flat(objective, parts)
         return 2.0 * target.num
+
+    @staticmethod
+    def _input_probe(generator: torch.Generator, batch: TapedBatch,
+                     weights: Tensor | None) -> dict[str, Tensor]:
+        """Σₙ wₙ zₙ ⊙ (Rₙ zₙ) for the input layer's parameters, zₙ Rademacher per example
+        (wₙ = 1 without weights): unbiased for Σₙ wₙ diag Rₙ there, since E zₙ zₙᵀ = I."""
+        params = batch.objective.params
+        tangents = {name: _rademacher_like(generator, params[name].expand(batch.num, *params[name].shape))
+                    for name in batch.input_parameters}
+        products = batch.input_residual_products(tangents)
+        scale = (torch.ones(batch.num, dtype=batch.objective.dtype, device=batch.objective.device)
+                 if weights is None else weights)
+        return {name: torch.einsum("n,n...->...", scale, tangents[name] * products[name])
+                for name in tangents}
 
     @staticmethod
     def _flat(objective: Objective, parts: dict[str, Tensor]) -> Tensor:
