@@ -34,7 +34,7 @@ are recognized and mapped to the closed forms above, with their options.
 Class weights and the mean. With class weights and integer labels, torch's ``reduction="mean"``
 divides by Σₙ w_{yₙ}, not by N. hessdiag measures that same full-data value,
 Σₙ w_{yₙ} ℓₙ / Σₙ w_{yₙ}, by rescaling the weights by N / Σₙ w_{yₙ} over *all* measured
-data (:meth:`Loss.prepared`), so the objective stays a mean over examples and batches
+data (:meth:`Loss.weight_totals`, :meth:`Loss.rescaled`), so the objective stays a mean over examples and batches
 combine by n_b / N. A single batch's mean then differs from torch's value on that batch,
 but the objective over the data equals torch's loss on all of it at once.
 """
@@ -82,8 +82,6 @@ class Loss:
     """
 
     name: str = "loss"
-    closed_form: bool = True
-    """Whether ∇²_f ℓ is written out (else autograd computes it per example)."""
 
     def per_example(self, output: Tensor, target: Tensor) -> Tensor:
         """ℓₙ for every example of a batch, shape [B]."""
@@ -111,12 +109,6 @@ class Loss:
     def rescaled(self, totals: Tensor) -> Loss:
         """This loss normalized by the :meth:`weight_totals` of the whole data set."""
         return self
-
-    def prepared(self, targets: Iterable[Tensor]) -> Loss:
-        """This loss adjusted to the whole data set's ``targets`` (one tensor per batch);
-        only class-weighted losses change (module docstring, "Class weights")."""
-        totals = self.weight_totals(targets)
-        return self if totals is None else self.rescaled(totals)
 
     def check(self, output: Tensor, target: Tensor) -> str | None:
         """Why this loss cannot use the first batch's ``output`` and ``target``; ``None`` if it can."""
@@ -403,8 +395,6 @@ class CallableLoss(Loss):
     factored by its eigendecomposition, Qₙ = V diag(√λ): fn must be convex in the output,
     which :meth:`check` verifies on the first batch, together with the mean reduction.
     """
-
-    closed_form = False
 
     def indexes_classes(self, output: Tensor) -> bool:
         return False  # what integer labels mean is the callable's business
