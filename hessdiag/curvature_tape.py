@@ -62,11 +62,24 @@ class TapeError(RuntimeError):
     """The model did something the per-example rules cannot follow (an internal limit)."""
 
 
+class _Recording:
+    """Whether the current backward pass records ∂/∂a at the sites (the loss-gradient pass).
+
+    Sites hold this flag rather than their tape: the tape lists its sites, so a reference
+    back would make a cycle, which only the cyclic garbage collector frees. Each batch's
+    sites and cached unfolded inputs (several times the activations' memory) would then
+    outlive it until a collection happens to run; over a few batches of a ResNet that grew
+    the memory by gigabytes.
+    """
+
+    active = False
+
+
 class ActivationSite:
     """One call aᵤ = φ(zᵤ) of a smooth elementwise activation, batch-first [n, …]."""
 
-    def __init__(self, z: Tensor, derivatives: ElementwiseDerivatives, tape: _Tape) -> None:
-        self.tape = tape
+    def __init__(self, z: Tensor, derivatives: ElementwiseDerivatives, recording: _Recording) -> None:
+        self.recording = recording
         self.z = z.detach()
         self.version = z._version
         self.slope = derivatives.dphi(self.z)
@@ -93,7 +106,7 @@ class _Site(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         site: ActivationSite = ctx.site
-        if site.tape.record_activation_grads:
+        if site.recording.active:
             site.grad = grad.detach().clone()
         out = grad * site.slope
         if site.injection is not None:
@@ -111,7 +124,7 @@ class _Tape(TorchFunctionMode):
         self.with_sites = sites
         self.calls: list[AffineCall] = []
         self.sites: list[ActivationSite] = []
-        self.record_activation_grads = False
+        self.recording = _Recording()
         self.weights: Tensor | None = None  # per-example weights of the squares
         self.sums: ParamDict = {}
         self.model_input: Tensor | None = None  # to mark the layers applied to it
@@ -156,7 +169,7 @@ class _Tape(TorchFunctionMode):
         if self.with_sites:
             derivatives = elementwise_activation(func, args, kwargs)
             if derivatives is not None and args[0].requires_grad:
-                site = ActivationSite(args[0], derivatives, self)
+                site = ActivationSite(args[0], derivatives, self.recording)
                 self.sites.append(site)
                 return _Site.apply(args[0], derivatives.phi, site)
         if func in INPLACE_POSITION:  # run out of place: hooks still need the input
@@ -245,11 +258,11 @@ class TapedBatch:
 
     def loss_gradient(self) -> None:
         """Backward of Σₙ ℓₙ: stores ∂ℓₙ/∂aᵤ at every site (for :meth:`ActivationSite.coefficient`)."""
-        self._tape.record_activation_grads = True
+        self._tape.recording.active = True
         try:
             self._backward(self.loss_grad, None)
         finally:
-            self._tape.record_activation_grads = False
+            self._tape.recording.active = False
 
     def output_squares(self, output_grad: Tensor, weights: Tensor | None = None) -> ParamDict:
         """Σₙ wₙ (gₙᵀ ∂fₙ/∂θ)² for a per-example output gradient ``output_grad`` [n, C]."""

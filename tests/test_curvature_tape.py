@@ -260,3 +260,28 @@ def test_a_dropped_batch_frees_its_graph():
     del batch
     gc.collect()
     assert sites and all(site() is None for site in sites)
+
+
+def test_a_dropped_batch_is_freed_without_the_cycle_collector():
+    """Nothing of a batch may sit in a reference cycle: the sites, their tape and the layer
+    calls with their cached unfolded inputs are several times the activations' memory, and
+    cyclic garbage waits for a collection that need not run between batches (on
+    resnet18_cifar(silu, width=16), three batches of 128 peaked at 12.5 GB with sites
+    pointing back at their tape, 5.9 GB without)."""
+    x, y = residual_cnn_data(6)
+    objective = Objective(residual_cnn(nn.SiLU), (x, y), "ce")
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        batch = TapedBatch(objective, x, y)
+        batch.loss_gradient()
+        batch.injected_squares([site.coefficient() for site in batch.sites])
+        batch.ggn_squares()
+        assert batch.sites and batch._tape.calls
+        alive = [weakref.ref(batch._tape)] + [weakref.ref(site) for site in batch.sites]
+        del batch
+        assert all(ref() is None for ref in alive)
+    finally:
+        if enabled:
+            gc.enable()
