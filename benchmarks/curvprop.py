@@ -171,10 +171,14 @@ def resnet_case(args, activation: str) -> tuple[nn.Module, Tensor, Tensor, str]:
     return model.eval(), x, y, note
 
 
-def run_estimator(objective: Objective, name: str, samples: int, seed: int, input_layer: str = "injection"):
+def run_estimator(objective: Objective, name: str, samples: int, seed: int, probe_layers: int | None = None):
+    """``name`` with ``samples`` and ``seed`` (curvprop: ``probe_layers``, default its own)."""
     options = EstimatorOptions(samples=samples, seed=seed)
-    estimator = (CurvpropEstimator(options, input_layer=input_layer) if name == "curvprop"
-                 else get_estimator(name, options))
+    if name == "curvprop":
+        estimator = (CurvpropEstimator(options) if probe_layers is None
+                     else CurvpropEstimator(options, probe_layers=probe_layers))
+    else:
+        estimator = get_estimator(name, options)
     start = time.perf_counter()
     estimate = estimator.estimate(objective)
     return estimate, time.perf_counter() - start
@@ -213,12 +217,12 @@ def resnet_part(args) -> None:
                     anchors.append(median_time(anchor, 1))
                     samples = budgets[method][i]
                     estimate, secs = run_estimator(objective, method, samples, seed,
-                                                   args.curvprop_input_layer)
+                                                   args.curvprop_probe_layers)
                     value, ci, half = summarize(estimate, num)
                     passes = estimate.info.get("backward_passes")
                     cost = f"{passes} backward passes" if passes else f"{estimate.hvps} HVPs"
-                    if estimate.info.get("input_layer_products"):
-                        cost += f" + {estimate.info['input_layer_products']} input-layer products"
+                    if estimate.info.get("probe_products"):
+                        cost += f" + {estimate.info['probe_products']} probe products"
                     rows.append(dict(method=method, samples=samples, seed=seed, secs=secs,
                                      value=value, ci=ci, half=half, cost=cost,
                                      blocks=block_shares(estimate, objective.numels)))
@@ -605,8 +609,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: all examples")
     parser.add_argument("--chunk", type=int, default=8, help="HVP probes per vmapped call")
     parser.add_argument("--curvprop-samples", type=int, nargs="*", default=[16, 32])
-    parser.add_argument("--curvprop-input-layer", choices=("injection", "probes"), default="injection",
-                        help="curvprop's input_layer option (resnet part)")
+    parser.add_argument("--curvprop-probe-layers", type=int, default=None,
+                        help="curvprop's probe_layers option (resnet part; default: the estimator's)")
     parser.add_argument("--hutchinson-samples", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--ggn-samples", type=int, nargs="*", default=[8])
     parser.add_argument("--seeds", type=int, default=1, help="runs per budget (ResNet)")

@@ -27,9 +27,9 @@ With rₙ = ∇_f ℓₙ and Qₙ Qₙᵀ = ∇²_f ℓₙ (:meth:`hessdiag.loss
   gives per example vₙ = Σᵤ ξᵤ √c₊,ᵤ ∂zᵤ/∂θ, whose square has expectation
   Σᵤ c₊,ᵤ (∂zᵤ/∂θ)² (cross terms vanish); a second pass does c₋ = max(−c, 0), and the
   difference estimates Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)² without bias (docs/math.md, "curvprop").
-- **Input layer**: for the linear and convolution layers applied to the model's input,
-  :meth:`TapedBatch.input_residual_products` gives Rₙ zₙ per example for per-example
-  tangents zₙ, by one forward-over-reverse pass with a copy of those parameters per example.
+- **Per-example products**: for the parameters of the first linear and convolution layers,
+  :meth:`TapedBatch.residual_products` gives Rₙ zₙ per example for per-example tangents
+  zₙ, by one forward-over-reverse pass with a copy of those parameters per example.
 """
 
 from __future__ import annotations
@@ -127,7 +127,6 @@ class _Tape(TorchFunctionMode):
         self.recording = _Recording()
         self.weights: Tensor | None = None  # per-example weights of the squares
         self.sums: ParamDict = {}
-        self.model_input: Tensor | None = None  # to mark the layers applied to it
 
     def _hook(self, call: AffineCall) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -161,8 +160,7 @@ class _Tape(TorchFunctionMode):
                 # The call keeps its input detached only: the input's graph leads back to the
                 # activation sites, whose autograd nodes hold this tape, and such a cycle
                 # through autograd nodes is never collected (a leak of the whole graph per batch).
-                call = AffineCall(func, x.detach(), (x.detach(), *args[1:]), kwargs, names, x._version,
-                                  on_input=x is self.model_input)
+                call = AffineCall(func, x.detach(), (x.detach(), *args[1:]), kwargs, names, x._version)
                 self.calls.append(call)
                 out.register_hook(self._hook(call))
                 return out
@@ -219,9 +217,9 @@ class TapedBatch:
                                    requires_grad=True)
         self.inputs = x
         with evaluation_mode(objective.model), torch.enable_grad():
-            self._tape.model_input = x + self._anchor
+            start = x + self._anchor  # outside the tape: not a layer of the model
             with self._tape:
-                output = objective.model_forward(params, self._tape.model_input)
+                output = objective.model_forward(params, start)
         if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != self.num:
             raise TapeError("the model's output is not a [batch, outputs] tensor")
         for site in self._tape.sites:
@@ -303,32 +301,35 @@ class TapedBatch:
                         total[name] = total[name] + sign * value if name in total else sign * value
         return total
 
-    @property
-    def input_parameters(self) -> list[str]:
-        """Parameters of the linear and convolution layers applied to the model's input itself
-        (usually the stem): :meth:`input_residual_products` applies to them."""
-        return [name for call in self._tape.calls if call.on_input and call.func in PER_EXAMPLE_FUNCS
-                for name in call.names.values()]
+    def leading_parameters(self, layers: int) -> list[str]:
+        """Parameters of θ in the first ``layers`` linear and convolution layers, in the order
+        the forward pass called them (the stem first): :meth:`residual_products` applies to them."""
+        calls = [call for call in self._tape.calls if call.func in PER_EXAMPLE_FUNCS][:max(layers, 0)]
+        return [name for call in calls for name in call.names.values()]
 
-    def input_residual_products(self, tangents: ParamDict) -> ParamDict:
-        """Per example, Rₙ zₙ restricted to :attr:`input_parameters`, for tangents
-        ``{name: [n, *shape]}`` (row n: zₙ), where Rₙ is the Hessian of θ ↦ rₙᵀ fₙ(θ) with
-        rₙ = ∇_f ℓₙ held fixed (the residual of example n). Returns ``{name: [n, *shape]}``.
+    def residual_products(self, tangents: ParamDict, examples: slice = slice(None)) -> ParamDict:
+        """Per example, Rₙ zₙ for tangents ``{name: [m, *shape]}`` (row n: zₙ) on parameters
+        of linear and convolution layers (:meth:`leading_parameters`), where Rₙ is the Hessian
+        of θ ↦ rₙᵀ fₙ(θ) with rₙ = ∇_f ℓₙ held fixed (the residual of example n), for the m
+        examples ``examples`` of the batch. Returns ``{name: [m, *shape]}``.
 
         Each example gets its own copy of these parameters (:func:`per_example_affine`), so
-        one forward-over-reverse product over the batch (about an HVP) gives every example's
-        product with its own tangent. Nothing of θ lies upstream of these layers, so within
-        their block Rₙ = Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)ᵀ(∂zᵤ/∂θ) exactly.
+        one forward-over-reverse product over the examples (about an HVP) gives every
+        example's product with its own tangent. A layer's output is linear in its own
+        parameters, so within one layer's block Rₙ = Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)ᵀ(∂zᵤ/∂θ) exactly (its
+        diagonal is the residual there); between two layers Rₙ also has the terms of
+        ∂²fₙ/∂θᵢ∂θⱼ through the later layer's input.
         """
         objective = self.objective
         calls = {id(objective.params[name]): name for name in tangents}
-        copies = {name: objective.params[name].detach().expand(self.num, *objective.params[name].shape).clone()
+        inputs, weights = self.inputs[examples], self.loss_grad[examples]
+        count = int(inputs.shape[0])
+        copies = {name: objective.params[name].detach().expand(count, *objective.params[name].shape).clone()
                   for name in tangents}
-        weights = self.loss_grad
 
         def residual_form(own: ParamDict) -> Tensor:
             with evaluation_mode(objective.model), _PerExampleCopies(calls, own):
-                return (objective.forward(objective.params, self.inputs) * weights).sum()
+                return (objective.forward(objective.params, inputs) * weights).sum()
 
         return jvp(grad(residual_form), (copies,), (tangents,))[1]  # type: ignore[no-any-return]
 

@@ -108,7 +108,6 @@ class AffineCall:
         inputs: the call's input x [n, …] (saved at the forward pass; must not change).
         args, kwargs: the call's other arguments (weights, stride, running statistics, …).
         names: which of ``"weight"``/``"bias"`` are parameters of θ, and their names.
-        on_input: whether ``inputs`` is the model's input (no parameter of θ upstream).
     """
 
     func: Any
@@ -118,7 +117,6 @@ class AffineCall:
     names: dict[str, str]
     version: int = 0
     cache: dict[str, Tensor] = field(default_factory=dict)
-    on_input: bool = False  # applied to the model's input itself (nothing of θ upstream)
 
     def square_sums(self, grad: Tensor, weights: Tensor) -> dict[str, Tensor]:
         """``{parameter name: Σₙ wₙ (per-example gradient)²}`` for the output gradient ``grad``."""

@@ -23,23 +23,26 @@ replicate); the first round also computes g. With ``samples`` the number of repl
 fixed; otherwise rounds are added until the half-width is below ``rtol`` or
 ``max_samples`` replicates are reached. The GGN/residual split comes for free.
 
-Input layer. A parameter of the layer applied to the input itself (the stem) reaches every
-activation unit of the network, so its per-example gradient collects the injected noise of
-all of them; the c₊ and c₋ passes each carry that noise while their difference, the
-residual, is much smaller, and on trained ResNets this one small block can hold almost all
-of the estimator's variance (docs/benchmarks.md). With ``input_layer="probes"`` the
-residual of the linear and convolution layers applied to the input is drawn in parameter
-space instead: Σₙ zₙ ⊙ (Rₙ zₙ), zₙ Rademacher per example and Rₙ the Hessian of θ ↦ rₙᵀfₙ(θ)
-(:meth:`~hessdiag.curvature_tape.TapedBatch.input_residual_products`, one forward-over-
-reverse pass over the data per replicate, about an HVP). Its variance is that of a
-per-example Hutchinson estimate on that block alone, Σₙ Σᵢ≠ⱼ (Rₙ)ᵢⱼ², signed, so the
-cancellation between c₊ and c₋ happens before the noise is drawn. The other parameters keep
-the injection; the replicates stay independent and unbiased.
+Leading layers. A parameter of the layer applied to the input itself (the stem) reaches
+every activation unit of the network, so its per-example gradient collects the injected
+noise of all of them; the c₊ and c₋ passes each carry that noise while their difference,
+the residual, is much smaller, and on trained ResNets this one small block can hold almost
+all of the estimator's variance (docs/benchmarks.md); the next layers follow, less so. With
+``probe_layers=k`` the residual of the first k linear and convolution layers (in the order
+the forward pass calls them) is drawn in parameter space instead: Σₙ zₙ ⊙ (Rₙ zₙ), zₙ
+Rademacher per example on those layers' parameters and Rₙ the Hessian of θ ↦ rₙᵀfₙ(θ)
+(:meth:`~hessdiag.curvature_tape.TapedBatch.residual_products`, one forward-over-reverse
+pass over the data per replicate, about an HVP). Its variance is that of a per-example
+Hutchinson estimate on those layers alone, Σₙ Σᵢ≠ⱼ (Rₙ)ᵢⱼ², signed, so the cancellation
+between c₊ and c₋ happens before the noise is drawn. The other parameters keep the
+injection; the replicates stay independent and unbiased. The per-example copies of those
+layers' parameters are made for at most :data:`PROBE_COPY_NUMBERS` numbers at a time (more
+examples: more, smaller passes).
 
 Cost is reported as ``info["backward_passes"]``: backward passes over all measured data
 (each about one plain backward plus the per-example squares of the parameters' gradients).
-The input-layer products are counted apart, in ``info["input_layer_products"]`` (passes
-over all measured data).
+The products of the leading layers are counted apart, in ``info["probe_products"]``
+(passes over all measured data).
 The same seed, data and batch size give bit-identical results.
 """
 
@@ -61,11 +64,15 @@ from .base import EstimatorError, StochasticEstimator
 from .structural import objective_structure
 
 ALLOCATIONS = ("proportional", "uniform")
-INPUT_LAYER = ("injection", "probes")
 
 GGN_EXACT_MAX_CLASSES = 32
 """Up to this many outputs the GGN diagonal is exact (C backward passes per batch, once);
 beyond, each replicate adds one Monte-Carlo pass instead."""
+
+PROBE_COPY_NUMBERS = 1 << 24
+"""At most this many numbers of per-example parameter copies per probe product (64 MB in
+float32; the product holds about four such tensors): a wide first layer on many examples
+runs on fewer examples at a time instead of exhausting the memory."""
 
 ROUND = 16
 """Replicates per pass over the data: one per jackknife group, so the first interval
@@ -86,10 +93,10 @@ class CurvpropEstimator(StochasticEstimator):
     ``"proportional"`` (draws per example ∝ its curvature mass Σᵤ|cₙ,ᵤ|) or ``"uniform"``
     (one draw per example); ``ggn``: ``"exact"`` (C passes per batch), ``"mc"`` (one pass
     per replicate with Qξ, ξ Rademacher) or ``"auto"`` (exact up to
-    :data:`GGN_EXACT_MAX_CLASSES` outputs); ``input_layer``: how the residual of the
-    linear/convolution layers applied to the input itself (the stem) is drawn,
-    ``"injection"`` (with all others) or ``"probes"`` (per-example Rademacher probes in
-    parameter space, one extra forward-over-reverse pass per replicate; module docstring).
+    :data:`GGN_EXACT_MAX_CLASSES` outputs); ``probe_layers``: for how many of the first
+    linear/convolution layers (the stem first) the residual is drawn by per-example
+    Rademacher probes in parameter space instead of the injection (one extra
+    forward-over-reverse pass per replicate; module docstring); 0: none, 1 (default): the stem.
     """
 
     name = "curvprop"
@@ -97,7 +104,7 @@ class CurvpropEstimator(StochasticEstimator):
 
     allocation: str = "proportional"
     ggn: str = "auto"
-    input_layer: str = "injection"
+    probe_layers: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,8 +112,8 @@ class CurvpropEstimator(StochasticEstimator):
             raise EstimatorError(f"curvprop: allocation must be one of {', '.join(ALLOCATIONS)}")
         if self.ggn not in ("auto", "exact", "mc"):
             raise EstimatorError("curvprop: ggn must be auto, exact or mc")
-        if self.input_layer not in INPUT_LAYER:
-            raise EstimatorError(f"curvprop: input_layer must be one of {', '.join(INPUT_LAYER)}")
+        if isinstance(self.probe_layers, bool) or not isinstance(self.probe_layers, int) or self.probe_layers < 0:
+            raise EstimatorError("curvprop: probe_layers must be a whole number ≥ 0")
         if self.budget < 3:
             raise EstimatorError("curvprop needs at least 3 replicates (--samples)")
 
@@ -156,8 +163,8 @@ class CurvpropEstimator(StochasticEstimator):
             "backward_passes": round(passes, 2),
             "ggn": "monte-carlo" if monte_carlo else "exact",
             "allocation": self.allocation,
-            "input_layer": self.input_layer,
-            "input_layer_products": round(products, 2),
+            "probe_layers": self.probe_layers,
+            "probe_products": round(products, 2),
             "seconds": time.perf_counter() - start,
         }
         if stats.count == 0:  # piecewise linear: exact
@@ -191,7 +198,7 @@ class CurvpropEstimator(StochasticEstimator):
                ggn_mode: str) -> tuple[Tensor | None, dict[str, Tensor] | None, float, float]:
         """One pass over the data: ``replicates`` estimates [R, P] of d − b (``None`` when
         the network has no smooth activation and the GGN is exact), the exact GGN diagonal
-        when ``ggn_mode == "exact"``, the backward passes and the input-layer products
+        when ``ggn_mode == "exact"``, the backward passes and the leading layers' products
         spent (both in passes over all data)."""
         num = objective.num_params
         estimates = torch.zeros(replicates, num, dtype=objective.dtype, device=objective.device)
@@ -214,11 +221,11 @@ class CurvpropEstimator(StochasticEstimator):
             any_sites = True
             batch.loss_gradient()
             rows += n
-            probing = self.input_layer == "probes" and bool(batch.input_parameters)
+            probed_names = batch.leading_parameters(self.probe_layers)
             for row in range(replicates):
-                spent = self._residual_draw(objective, generator, batch, x, y, estimates[row], probing)
+                spent = self._residual_draw(objective, generator, batch, x, y, estimates[row], probed_names)
                 rows += spent
-                probed += spent / 2 if probing else 0.0
+                probed += spent / 2 if probed_names else 0.0
         spent_rows = torch.tensor([rows, probed], dtype=torch.float64, device=objective.device)
         objective.mean_over_examples({"estimates": estimates, "rows": spent_rows}, ggn)
         has_estimates = any_sites or ggn_mode == "mc"
@@ -226,7 +233,8 @@ class CurvpropEstimator(StochasticEstimator):
                 float(spent_rows[0]), float(spent_rows[1]))
 
     def _residual_draw(self, objective: Objective, generator: torch.Generator,
-                       batch: TapedBatch, x: Tensor, y: Tensor, into: Tensor, probe: bool) -> float:
+                       batch: TapedBatch, x: Tensor, y: Tensor, into: Tensor,
+                       probed: list[str]) -> float:
         """Add one draw of Σₙ Σᵤ cₙ,ᵤ (∂zᵤ/∂θ)² over the batch to ``into`` (flat [P]);
         returns the backward rows spent.
 
@@ -236,9 +244,9 @@ class CurvpropEstimator(StochasticEstimator):
         mₙ times; the sum of its squares divided by λₙ is unbiased (Wald's identity), and
         an example with c = 0 has no residual and needs no draw.
 
-        ``probe``: the input layer's parameters get Σₙ wₙ zₙ ⊙ (Rₙ zₙ) on the same examples
-        and weights instead (:meth:`_input_probe`; one forward-over-reverse pass), so they
-        follow the same allocation.
+        ``probed``: these parameters (of the leading layers) get Σₙ wₙ zₙ ⊙ (Rₙ zₙ) on the
+        same examples and weights instead (:meth:`_probe`; one forward-over-reverse pass),
+        so they follow the same allocation.
         """
         coefficients = [site.coefficient() for site in batch.sites]
         target, weights = batch, None
@@ -267,24 +275,33 @@ class CurvpropEstimator(StochasticEstimator):
         down = target.injected_squares([s * (-c).clamp(min=0).sqrt()
                                         for s, c in zip(signs, coefficients)], weights)
         parts = {k: cast(Tensor, up.get(k, 0) - down.get(k, 0)) for k in set(up) | set(down)}
-        if probe:
-            parts.update(self._input_probe(generator, target, weights))
+        if probed:
+            parts.update(self._probe(generator, target, weights, probed))
         into += self._flat(objective, parts)
         return 2.0 * target.num
 
     @staticmethod
-    def _input_probe(generator: torch.Generator, batch: TapedBatch,
-                     weights: Tensor | None) -> dict[str, Tensor]:
-        """Σₙ wₙ zₙ ⊙ (Rₙ zₙ) for the input layer's parameters, zₙ Rademacher per example
-        (wₙ = 1 without weights): unbiased for Σₙ wₙ diag Rₙ there, since E zₙ zₙᵀ = I."""
-        params = batch.objective.params
+    def _probe(generator: torch.Generator, batch: TapedBatch, weights: Tensor | None,
+               names: list[str]) -> dict[str, Tensor]:
+        """Σₙ wₙ zₙ ⊙ (Rₙ zₙ) for the parameters ``names``, zₙ Rademacher per example
+        (wₙ = 1 without weights): unbiased for Σₙ wₙ diag Rₙ there, since E zₙ zₙᵀ = I.
+        Examples go through the product in groups small enough for
+        :data:`PROBE_COPY_NUMBERS` (the draws do not depend on the grouping)."""
+        objective = batch.objective
+        params = objective.params
         tangents = {name: _rademacher_like(generator, params[name].expand(batch.num, *params[name].shape))
-                    for name in batch.input_parameters}
-        products = batch.input_residual_products(tangents)
-        scale = (torch.ones(batch.num, dtype=batch.objective.dtype, device=batch.objective.device)
+                    for name in names}
+        scale = (torch.ones(batch.num, dtype=objective.dtype, device=objective.device)
                  if weights is None else weights)
-        return {name: torch.einsum("n,n...->...", scale, tangents[name] * products[name])
-                for name in tangents}
+        per_example = sum(params[name].numel() for name in names)
+        step = max(1, PROBE_COPY_NUMBERS // per_example)
+        total: dict[str, Tensor] = {name: torch.zeros_like(params[name]) for name in names}
+        for start in range(0, batch.num, step):
+            part = slice(start, start + step)
+            products = batch.residual_products({name: t[part] for name, t in tangents.items()}, part)
+            for name in names:
+                total[name] += torch.einsum("n,n...->...", scale[part], tangents[name][part] * products[name])
+        return total
 
     @staticmethod
     def _flat(objective: Objective, parts: dict[str, Tensor]) -> Tensor:

@@ -295,58 +295,101 @@ def test_monte_carlo_ggn_is_unbiased_too(exact):
     assert exact_ggn.estimate(objective).info["relative_half_width"] < sorted(widths)[30]
 
 
-# -- the input layer by per-example probes (input_layer="probes") -----------------------------
+# -- the leading layers by per-example probes (probe_layers) ----------------------------------
+
+LEADING = ["0.weight", "0.bias", "4.conv1.weight", "4.conv2.weight"]
+"""residual_cnn's first three linear/convolution layers: the stem and the block's two convs."""
 
 
-def stem_case() -> tuple[Objective, dict, list[str]]:
+def stem_case() -> tuple[Objective, dict]:
     """residual_cnn with SiLU (BatchNorm, residual add, max pooling), 6 examples in batches of
-    4 and 2, float64; the exact diagonal and GGN diagonal (flat), and the stem's parameters."""
+    4 and 2, float64; the exact diagonal and GGN diagonal (flat)."""
     x, y = residual_cnn_data(6)
     objective = Objective(residual_cnn(nn.SiLU), (x, y), "ce", batch_size=4)
     diagonal = ExactEstimator(EstimatorOptions(), analytic=False).estimate(objective).diagonal
     ggn = reference_ggn_diagonal(residual_cnn(nn.SiLU), "ce", x, y)
     objective.ggn.remember(ggn, "reference")
-    return objective, {"diagonal": diagonal, "ggn": ggn}, ["0.weight", "0.bias"]
+    return objective, {"diagonal": diagonal, "ggn": ggn}
 
 
-def test_input_layer_products_give_the_exact_residual_of_the_stem():
-    """Basis tangents (the same for every example) through the per-example copies of the stem
-    give Σₙ diag Rₙ there, which must equal diag H − diag G from float64 autograd."""
-    objective, exact, stem = stem_case()
-    total = {name: torch.zeros_like(objective.params[name]) for name in stem}
+def test_leading_layer_products_give_the_exact_residual():
+    """Basis tangents (the same for every example) through the per-example copies of the
+    first three layers give Σₙ diag Rₙ there, which must equal diag H − diag G from float64
+    autograd: for the stem and for the two convolutions inside the residual block, whose
+    inputs depend on θ."""
+    objective, exact = stem_case()
+    total = {name: torch.zeros_like(objective.params[name]) for name in LEADING}
     for x, y, _ in objective.batches():
         batch = TapedBatch(objective, x, y)
-        assert batch.input_parameters == stem  # the first conv only, weight and bias
-        for name in stem:
+        assert batch.leading_parameters(1) == LEADING[:2]  # the stem: weight and bias
+        assert batch.leading_parameters(3) == LEADING
+        assert batch.leading_parameters(0) == []
+        for name in LEADING:
             flat_view = total[name].view(-1)
             for i in range(flat_view.numel()):
                 basis = torch.zeros_like(flat_view)
                 basis[i] = 1.0
                 tangent = basis.reshape(total[name].shape).expand(batch.num, *total[name].shape).clone()
-                flat_view[i] += batch.input_residual_products({name: tangent})[name].sum(0).view(-1)[i]
-    for name in stem:
+                flat_view[i] += batch.residual_products({name: tangent})[name].sum(0).view(-1)[i]
+    for name in LEADING:
         expected = exact["diagonal"][name] - exact["ggn"][name]
         assert float(expected.abs().max()) > 1e-3  # a residual worth checking
         assert max_relative_error({name: total[name] / 6}, {name: expected}) <= 1e-10
 
 
-def test_input_layer_probes_are_unbiased():
-    """50 seeds × 4 replicates with the stem probed: every stem entry is noisy (probed), the
-    seed means lie within 5 standard errors of the exact diagonal, and so does ‖d‖²."""
-    objective, exact, stem = stem_case()
+def test_products_on_a_slice_of_the_examples_are_those_examples_rows():
+    """``residual_products`` on examples 1..2 equals rows 1..2 of the product on the batch
+    (the estimator splits large batches this way to bound the copies' memory)."""
+    objective, _ = stem_case()
+    x, y, _ = next(objective.batches())
+    batch = TapedBatch(objective, x, y)
+    g = torch.Generator().manual_seed(0)
+    tangents = {n: torch.randn(batch.num, *objective.params[n].shape, generator=g, dtype=torch.float64)
+                for n in LEADING}
+    whole = batch.residual_products(tangents)
+    part = batch.residual_products({n: t[1:3] for n, t in tangents.items()}, slice(1, 3))
+    for name in LEADING:
+        assert torch.allclose(part[name], whole[name][1:3], rtol=1e-12, atol=1e-14)
+
+
+def test_probe_groups_do_not_change_the_draws(monkeypatch):
+    """With room for the copies of one example at a time the estimate equals the one-pass
+    estimate to rounding: the probes are drawn for the whole batch before it is split."""
+    from hessdiag.estimators import curvprop
+
+    objective, _ = stem_case()
+    chosen = CurvpropEstimator(EstimatorOptions(samples=3, seed=1), probe_layers=3)
+    whole = flat(chosen.estimate(objective).diagonal)
+    monkeypatch.setattr(curvprop, "PROBE_COPY_NUMBERS", 1)
+    split = flat(chosen.estimate(objective).diagonal)
+    assert torch.allclose(whole, split, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "probes"])
+def test_probe_layers_must_be_a_whole_number(value):
+    with pytest.raises(EstimatorError, match="probe_layers"):
+        CurvpropEstimator(EstimatorOptions(samples=3), probe_layers=value)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_leading_layer_probes_are_unbiased(layers):
+    """50 seeds × 4 replicates with the first ``layers`` layers probed: every probed entry is
+    noisy, the seed means lie within 5 standard errors of the exact diagonal, and so does ‖d‖²."""
+    objective, exact = stem_case()
+    probed = LEADING[:2] if layers == 1 else LEADING
     d = flat(exact["diagonal"])
     runs = []
     for seed in range(SEEDS // 2):
-        chosen = CurvpropEstimator(EstimatorOptions(samples=4, seed=seed), input_layer="probes")
+        chosen = CurvpropEstimator(EstimatorOptions(samples=4, seed=seed), probe_layers=layers)
         est = chosen.estimate(objective)
         # About one pass over the data per replicate (the draws per example are random).
-        assert 0 < est.info["input_layer_products"] <= 4 * 6
+        assert 0 < est.info["probe_products"] <= 4 * 6
         runs.append(est)
     diagonals = torch.stack([flat(e.diagonal) for e in runs])
     mean, se = diagonals.mean(0), diagonals.std(0) / math.sqrt(len(runs))
     noisy = se > 1e-12 * float(d.abs().max())
-    stem_entries = flat({n: torch.full_like(v, float(n in stem)) for n, v in exact["diagonal"].items()}) > 0
-    assert bool(noisy[stem_entries].all())
+    probed_entries = flat({n: torch.full_like(v, float(n in probed)) for n, v in exact["diagonal"].items()}) > 0
+    assert bool(noisy[probed_entries].all())
     # 5 standard errors per entry, as in test_diagonal_is_unbiased.
     assert float(((mean - d)[noisy] / se[noisy]).abs().max()) <= 5.0
     squared_norm_check([e.norm_statistics["total"] for e in runs], float(d.pow(2).sum()),
