@@ -9,7 +9,8 @@ affine layer used once; :mod:`hessdiag.structure`), per example
 batch, :meth:`~hessdiag.curvature_tape.TapedBatch.ggn_squares`); the second from two
 backward passes per draw, injecting Rademacher noise scaled by √c₊ and √c₋ at every
 pre-activation (Martens, Sutskever & Swersky 2012, "Estimating the Hessian by
-back-propagating curvature"). Its noise is per example and averages over the N measured
+back-propagating curvature"); for the first layer (by default) from per-example probes in
+parameter space instead (below). Its noise is per example and averages over the N measured
 examples, instead of growing with the Hessian's off-diagonal mass as Hutchinson's does.
 
 Statistics. A *replicate* is one estimate r of the residual diagonal over ALL measured
@@ -18,8 +19,8 @@ diagonal g known exactly, ‖g‖² + 2gᵀr̄ + U(r₁, …, r_R) is unbiased f
 delete-a-group jackknife of :mod:`hessdiag.stats` gives its 95 % interval. (A U-statistic
 across disjoint groups of examples would instead be biased low by the between-example
 variance.) Replicates come in rounds of :data:`ROUND`; each round is one pass over the data
-(one forward and one loss-gradient backward per batch, then two backward passes per
-replicate); the first round also computes g. With ``samples`` the number of replicates is
+(one forward and one loss-gradient backward per batch, then two backward passes and one
+probe product per replicate); the first round also computes g. With ``samples`` the number of replicates is
 fixed; otherwise rounds are added until the half-width is below ``rtol`` or
 ``max_samples`` replicates are reached. The GGN/residual split comes for free.
 
@@ -72,7 +73,9 @@ beyond, each replicate adds one Monte-Carlo pass instead."""
 PROBE_COPY_NUMBERS = 1 << 24
 """At most this many numbers of per-example parameter copies per probe product (64 MB in
 float32; the product holds about four such tensors): a wide first layer on many examples
-runs on fewer examples at a time instead of exhausting the memory."""
+runs on fewer examples at a time. The probes themselves, one number per example and
+probed parameter, are drawn for the whole batch at once (so the grouping does not change
+them)."""
 
 ROUND = 16
 """Replicates per pass over the data: one per jackknife group, so the first interval
