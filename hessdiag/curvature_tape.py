@@ -158,7 +158,7 @@ class _Tape(TorchFunctionMode):
                 if not out.requires_grad:
                     raise TapeError("a layer with parameters does not depend on the input")
                 # The call keeps its input detached only: the input's graph leads back to the
-                # activation sites, whose autograd nodes hold this tape, and such a cycle
+                # earlier layers' outputs, whose gradient hooks hold this tape, and such a cycle
                 # through autograd nodes is never collected (a leak of the whole graph per batch).
                 call = AffineCall(func, x.detach(), (x.detach(), *args[1:]), kwargs, names, x._version)
                 self.calls.append(call)
