@@ -10,7 +10,7 @@ In order (docs/index.md, "Estimators"):
 ``curvprop`` is not chosen automatically, although it applies to every network of smooth
 elementwise activations: on trained smooth ResNet-18s (docs/benchmarks.md, "curvprop"),
 with its stem probed per example, its interval was level with ``hutchinson``'s at equal
-wall time on 128 examples (width 16) and 1.5–2.7× narrower on 512 (9.5× for RCT-AF at
+wall time on 128 examples (width 16) and 1.3–2.7× narrower on 512 (9.5× for RCT-AF at
 width 32), while on a shallow digits CNN it was clearly the better one; on the width-16
 ResNet with 128 examples the spread over ten seeds was 1.33× what its intervals claimed.
 Until its advantage and its coverage hold on few examples too, and its memory on wide
